@@ -1,0 +1,143 @@
+"""`EarlyExitModel`: the multi-exit encoder with its parameters and tokenizer, ready to run."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxexit import hf_import, modeling
+from jaxexit.config import EncoderConfig
+from jaxexit.tokenization import Tokenizer
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "output_hidden_states"))
+def _whole(cfg: EncoderConfig, params, batch, output_hidden_states: bool = False):
+    return modeling.MultiExitEncoder(cfg).apply(
+        {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+        output_hidden_states=output_hidden_states,
+    )
+
+
+def init_ramps(cfg: EncoderConfig, rng: jax.Array, pooler: dict | None = None) -> dict:
+    """Fresh ramps (classifier N(0, initializer_range), zero bias, like BERT's init).
+
+    With `pooler` (the checkpoint's pretrained pooler), every ramp's own pooler (DeeBERT), or
+    the shared one (PABEE/PCEE), starts as a copy of it.
+    """
+    first_tokens = jnp.zeros((cfg.num_hidden_layers, 1, cfg.hidden_size), jnp.float32)
+    ramps = modeling.MultiExitEncoder(cfg).init(rng, first_tokens, method="classify")["params"]["ramps"]
+    ramps = jax.tree_util.tree_map(np.asarray, ramps)
+    if pooler is not None:
+        if cfg.ramp_pooler == "shared":
+            ramps["pooler"] = _copy(pooler)
+        else:
+            for i in range(cfg.num_hidden_layers):
+                ramps[str(i)]["pooler"] = _copy(pooler)
+    return ramps
+
+
+def _copy(tree):
+    return jax.tree_util.tree_map(np.array, tree)
+
+
+class EarlyExitModel:
+    """A multi-exit encoder: config, parameters (`{"backbone", "ramps"}`) and tokenizer.
+
+    Whole-model calls (`hidden_states`, `ramp_logits`) run in eval mode (no dropout). The
+    piecewise steps (`embed_step`, `layer_step`) are jitted once per model and reused for
+    every layer.
+    """
+
+    def __init__(self, config: EncoderConfig, params: dict, tokenizer: Tokenizer | None = None,
+                 source: str | None = None):
+        self.config = config
+        self.params = jax.tree_util.tree_map(jnp.asarray, params)
+        self.tokenizer = tokenizer
+        self.source = source
+        self.embed_step = jax.jit(functools.partial(modeling.embed, config))
+        self.layer_step = jax.jit(functools.partial(modeling.layer_ramp_step, config))
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, num_labels: int = 2, *,
+                        ramp_pooler: str = "per_ramp", max_length: int = 128, seed: int = 0,
+                        **config_overrides) -> "EarlyExitModel":
+        """Load a Hugging Face checkpoint (local directory or hub id) and add fresh ramps.
+
+        Reads `config.json`, the safetensors weights and the tokenizer files; no torch needed.
+        """
+        directory = hf_import.resolve(name_or_path)
+        config = EncoderConfig.from_hf_file(
+            directory / "config.json", num_labels=num_labels, ramp_pooler=ramp_pooler, **config_overrides
+        )
+        limit = config.max_position_embeddings - (config.pad_token_id + 1 if config.arch == "roberta" else 0)
+        if max_length > limit:
+            raise ValueError(f"max_length {max_length} exceeds the {limit} positions this checkpoint has")
+        files = hf_import.weight_files(directory)
+        expected = jax.eval_shape(
+            lambda: modeling.MultiExitEncoder(config).init(jax.random.PRNGKey(0), *_dummy_batch(), method="encode")
+        )["params"]["backbone"]
+        backbone, pooler = hf_import.load_backbone(config, files, expected)
+        if pooler is None:
+            log.info("%s has no pooler: ramp poolers start from a fresh init", directory)
+        ramps = init_ramps(config, jax.random.PRNGKey(seed), pooler)
+        tokenizer = Tokenizer.from_pretrained(directory, max_length=max_length)
+        return cls(config, {"backbone": backbone, "ramps": ramps}, tokenizer, source=str(name_or_path))
+
+    @classmethod
+    def from_config(cls, config: EncoderConfig, seed: int = 0, tokenizer: Tokenizer | None = None):
+        """A randomly initialised model (tests, tiny end-to-end runs)."""
+        params = modeling.MultiExitEncoder(config).init(jax.random.PRNGKey(seed), *_dummy_batch())["params"]
+        return cls(config, params, tokenizer)
+
+    # ---- running -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def tokenize(self, texts, pairs=None, length: int | None = None) -> dict[str, np.ndarray]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids in a batch dict instead")
+        return self.tokenizer(texts, pairs, length=length)
+
+    def hidden_states(self, batch: dict) -> np.ndarray:
+        """Every layer's hidden states `[L+1, B, T, H]`: the embedding output, then each layer."""
+        _, hidden = _whole(self.config, self.params, self._check(batch), output_hidden_states=True)
+        return np.asarray(hidden)
+
+    def ramp_logits(self, batch: dict) -> np.ndarray:
+        """Every ramp's logits `[L, B, C]` (ramp L is the model's final classifier)."""
+        logits, _ = _whole(self.config, self.params, self._check(batch))
+        return np.asarray(logits)
+
+    def layer_params(self, layer: int) -> dict:
+        return modeling.layer_params(self.config, self.params, layer)
+
+    def ramp_params(self, layer: int) -> dict:
+        return modeling.ramp_params(self.config, self.params, layer)
+
+    def _check(self, batch: dict) -> dict:
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"batch lacks {missing}; build it with model.tokenize(...)")
+        shapes = {np.shape(batch[k]) for k in BATCH_KEYS}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"batch arrays must share one [B, T] shape, got {[np.shape(batch[k]) for k in BATCH_KEYS]}")
+        (_, length), = shapes
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {length} exceeds max_position_embeddings")
+        return {k: jnp.asarray(batch[k], jnp.int32) for k in BATCH_KEYS}
+
+
+def _dummy_batch():
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return ids, ids, jnp.ones((1, 2), jnp.int32)

@@ -1,0 +1,287 @@
+"""Flax modules of the multi-exit encoder.
+
+Parameter names mirror Hugging Face's BERT (`embeddings/LayerNorm/scale`,
+`layer/0/attention/self/query/kernel`, ...). The parameter pytree is
+
+    {"backbone": {"embeddings": {...}, "layer": {"0": {...}, ...}},
+     "ramps":    {"0": {"pooler": {"dense": ...}, "classifier": ...}, ...}}     # per_ramp
+     "ramps":    {"pooler": {"dense": ...}, "0": {"classifier": ...}, ...}}     # shared
+
+Keys are 0-based like Hugging Face's (`ramps/"0"` is ramp 1 of DESIGN.md). ALBERT's backbone
+holds `num_hidden_groups` layer entries that the L layers share.
+
+The encoder runs whole (`MultiExitEncoder.__call__`) or piecewise (`embed` once, then
+`layer_ramp_step` with layer i's and ramp i's parameters passed in), so one compiled step
+serves every layer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxexit.config import EncoderConfig
+
+Params = dict
+
+_ACT = {
+    "gelu": functools.partial(nn.gelu, approximate=False),  # exact erf GELU, as BERT
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(nn.gelu, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+}
+
+
+def _dense(cfg: EncoderConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        name=name,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(cfg.initializer_range),
+    )
+
+
+def _layer_norm(cfg: EncoderConfig, name: str = "LayerNorm") -> nn.LayerNorm:
+    # Two-pass variance, like torch.nn.LayerNorm (the fast E[x^2]-E[x]^2 form loses digits).
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps, name=name, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+        use_fast_variance=False,
+    )
+
+
+def attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Additive mask `[B, 1, 1, T]`: 0 where attended, the dtype's minimum where padded."""
+    mask = attention_mask[:, None, None, :].astype(dtype)
+    return (1.0 - mask) * jnp.finfo(dtype).min
+
+
+def position_ids(cfg: EncoderConfig, input_ids: jax.Array) -> jax.Array:
+    """BERT/ALBERT: 0..T-1. RoBERTa: padding_idx + 1 + rank among non-pad tokens; pads get padding_idx."""
+    if cfg.arch == "roberta":
+        not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+
+class Embeddings(nn.Module):
+    """Word + token-type + position embeddings -> LayerNorm -> dropout (-> ALBERT's projection)."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, deterministic: bool = True):
+        cfg = self.cfg
+        width = cfg.embedding_width
+        init = nn.initializers.normal(cfg.initializer_range)
+        dtype = jnp.dtype(cfg.dtype)
+
+        def embed(num, name):
+            return nn.Embed(num, width, name=name, embedding_init=init, dtype=dtype, param_dtype=jnp.float32)
+
+        x = embed(cfg.vocab_size, "word_embeddings")(input_ids)
+        x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        x = x + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids(cfg, input_ids))
+        x = _layer_norm(cfg)(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        if cfg.arch == "albert":
+            x = _dense(cfg, cfg.hidden_size, "embedding_hidden_mapping_in")(x)
+        return x
+
+
+class SelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention (`attention/self` in BERT)."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, h, bias, deterministic: bool = True):
+        cfg = self.cfg
+        heads = cfg.num_attention_heads
+        head_dim = cfg.hidden_size // heads
+        split = lambda x: x.reshape(x.shape[:-1] + (heads, head_dim))  # noqa: E731
+        q = split(_dense(cfg, cfg.hidden_size, "query")(h))
+        k = split(_dense(cfg, cfg.hidden_size, "key")(h))
+        v = split(_dense(cfg, cfg.hidden_size, "value")(h))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (head_dim**-0.5)
+        probs = jax.nn.softmax(scores + bias, axis=-1)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        return context.reshape(context.shape[:-2] + (cfg.hidden_size,))
+
+
+class ResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual): BERT's `attention/output` and `output`."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x, residual, deterministic: bool = True):
+        x = _dense(self.cfg, self.cfg.hidden_size, "dense")(x)
+        x = nn.Dropout(self.cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return _layer_norm(self.cfg)(x + residual)
+
+
+class Attention(nn.Module):
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, h, bias, deterministic: bool = True):
+        context = SelfAttention(self.cfg, name="self")(h, bias, deterministic)
+        return ResidualOutput(self.cfg, name="output")(context, h, deterministic)
+
+
+class FeedForward(nn.Module):
+    """`intermediate` (dense + activation): the first half of BERT's feed-forward block."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        return _ACT[self.cfg.hidden_act](_dense(self.cfg, self.cfg.intermediate_size, "dense")(x))
+
+
+class Layer(nn.Module):
+    """One post-LayerNorm transformer layer."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, h, bias, deterministic: bool = True):
+        a = Attention(self.cfg, name="attention")(h, bias, deterministic)
+        i = FeedForward(self.cfg, name="intermediate")(a)
+        return ResidualOutput(self.cfg, name="output")(i, a, deterministic)
+
+
+class Pooler(nn.Module):
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, first_token):
+        return jnp.tanh(_dense(self.cfg, self.cfg.hidden_size, "dense")(first_token))
+
+
+class Ramp(nn.Module):
+    """Off-ramp: pooler (dense + tanh) on the first token -> dropout -> classifier. Logits in fp32."""
+
+    cfg: EncoderConfig
+    pooler: nn.Module | None = None  # a shared Pooler owned elsewhere (PABEE/PCEE), else its own
+
+    @nn.compact
+    def __call__(self, first_token, deterministic: bool = True):
+        pooler = self.pooler if self.pooler is not None else Pooler(self.cfg, name="pooler")
+        x = nn.Dropout(self.cfg.ramp_dropout)(pooler(first_token), deterministic=deterministic)
+        return _dense(self.cfg, self.cfg.num_labels, "classifier")(x).astype(jnp.float32)
+
+
+class Backbone(nn.Module):
+    """Embeddings + L layers. Returns every hidden state `[L+1, B, T, H]` (embedding output first)."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True):
+        cfg = self.cfg
+        h = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
+        bias = attention_bias(attention_mask)
+        layers = _LayerStack(cfg, name="layer")
+        states = [h]
+        for i in range(cfg.num_hidden_layers):
+            h = layers(i, h, bias, deterministic)
+            states.append(h)
+        return jnp.stack(states)
+
+
+class _LayerStack(nn.Module):
+    """Holds the layer parameter sets under keys "0", "1", ... (ALBERT: one per group)."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, layer: int, h, bias, deterministic: bool = True):
+        # Flax shares a submodule's parameters when a compact method re-creates it by name.
+        index = self.cfg.layer_param_index(layer)
+        return Layer(self.cfg, name=str(index))(h, bias, deterministic)
+
+
+class Ramps(nn.Module):
+    """All L ramps, applied to the first-token states `[L, B, H]`; returns logits `[L, B, C]`."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, first_tokens, deterministic: bool = True):
+        shared = Pooler(self.cfg, name="pooler") if self.cfg.ramp_pooler == "shared" else None
+        return jnp.stack(
+            [Ramp(self.cfg, pooler=shared, name=str(i))(first_tokens[i], deterministic)
+             for i in range(self.cfg.num_hidden_layers)]
+        )
+
+
+class MultiExitEncoder(nn.Module):
+    """Backbone + one ramp per layer. `__call__` returns `(logits [L, B, C], hidden or None)`.
+
+    Dropout is active only when `deterministic=False`, with an rng passed as `rngs={"dropout": key}`.
+    """
+
+    cfg: EncoderConfig
+
+    def setup(self):
+        self.backbone = Backbone(self.cfg)
+        self.ramps = Ramps(self.cfg)
+
+    def __call__(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True,
+                 output_hidden_states: bool = False):
+        hidden = self.encode(input_ids, token_type_ids, attention_mask, deterministic)
+        logits = self.classify(hidden[1:, :, 0], deterministic)
+        return logits, (hidden if output_hidden_states else None)
+
+    def encode(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True):
+        return self.backbone(input_ids, token_type_ids, attention_mask, deterministic)
+
+    def classify(self, first_tokens, deterministic: bool = True):
+        return self.ramps(first_tokens, deterministic)
+
+
+# ---- piecewise ---------------------------------------------------------------------------------
+def layer_params(cfg: EncoderConfig, params: Params, layer: int) -> Params:
+    """Parameters of 0-based layer `layer` (ALBERT: the shared set it uses)."""
+    return params["backbone"]["layer"][str(cfg.layer_param_index(layer))]
+
+
+def ramp_params(cfg: EncoderConfig, params: Params, layer: int) -> Params:
+    """Parameters of the ramp after 0-based layer `layer`, always as `{"pooler", "classifier"}`."""
+    ramps = params["ramps"]
+    own = ramps[str(layer)]
+    pooler = ramps["pooler"] if cfg.ramp_pooler == "shared" else own["pooler"]
+    return {"pooler": pooler, "classifier": own["classifier"]}
+
+
+def embed(cfg: EncoderConfig, params: Params, batch: dict, rng: jax.Array | None = None):
+    """Embedding step: returns `(hidden [B, T, H], attention bias [B, 1, 1, T])`."""
+    h = Embeddings(cfg).apply(
+        {"params": params["backbone"]["embeddings"]},
+        batch["input_ids"], batch["token_type_ids"], deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+    )
+    return h, attention_bias(batch["attention_mask"])
+
+
+def layer_ramp_step(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden, bias,
+                    rng: jax.Array | None = None):
+    """One layer and its ramp: returns `(hidden [B, T, H], logits [B, C])`.
+
+    Takes the layer's and ramp's parameters as arguments, so a jitted version compiles once and
+    serves every layer.
+    """
+    rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 0)}
+    h = Layer(cfg).apply({"params": layer_p}, hidden, bias, deterministic=rng is None, rngs=rngs)
+    rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 1)}
+    logits = Ramp(cfg).apply({"params": ramp_p}, h[:, 0], deterministic=rng is None, rngs=rngs)
+    return h, logits
