@@ -17,6 +17,7 @@ from jaxexit.tokenization import Tokenizer
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "output_hidden_states"))
@@ -69,18 +70,21 @@ class EarlyExitModel:
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, num_labels: int = 2, *,
-                        ramp_pooler: str = "per_ramp", max_length: int = 128, seed: int = 0,
+                        ramp_pooler: str = "per_ramp", max_length: int | None = None, seed: int = 0,
                         **config_overrides) -> "EarlyExitModel":
         """Load a Hugging Face checkpoint (local directory or hub id) and add fresh ramps.
 
         Reads `config.json`, the safetensors weights and the tokenizer files; no torch needed.
+        `max_length` (tokens per input) defaults to 128, or fewer if the checkpoint has fewer positions.
         """
         directory = hf_import.resolve(name_or_path)
         config = EncoderConfig.from_hf_file(
             directory / "config.json", num_labels=num_labels, ramp_pooler=ramp_pooler, **config_overrides
         )
         limit = config.max_position_embeddings - (config.pad_token_id + 1 if config.arch == "roberta" else 0)
-        if max_length > limit:
+        if max_length is None:
+            max_length = min(128, limit)
+        elif max_length > limit:
             raise ValueError(f"max_length {max_length} exceeds the {limit} positions this checkpoint has")
         files = hf_import.weight_files(directory)
         expected = jax.eval_shape(
@@ -90,7 +94,11 @@ class EarlyExitModel:
         if pooler is None:
             log.info("%s has no pooler: ramp poolers start from a fresh init", directory)
         ramps = init_ramps(config, jax.random.PRNGKey(seed), pooler)
-        tokenizer = Tokenizer.from_pretrained(directory, max_length=max_length)
+        tokenizer = None
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            tokenizer = Tokenizer.from_pretrained(directory, max_length=max_length)
+        else:
+            log.warning("%s has no tokenizer files: pass token ids to the model yourself", directory)
         return cls(config, {"backbone": backbone, "ramps": ramps}, tokenizer, source=str(name_or_path))
 
     @classmethod

@@ -1,0 +1,35 @@
+"""Shared fixtures: paths to ../shared (real data and weights) and a loaded MiniLM model."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
+GLUE = SHARED / "data" / "glue"
+GOLDEN_MINILM = REPO / "tests" / "golden" / "minilm_sst2_hidden.npz"
+
+
+def require(path: Path) -> Path:
+    """Skip (visibly) when a file from ../shared is absent."""
+    if not path.exists():
+        pytest.skip(f"{path} not found: real-data tests need ../shared beside the repository")
+    return path
+
+
+def sst2_parity_sentences() -> list[str]:
+    """17 SST-2 dev sentences of spread-out lengths (deterministic), padded together in tests."""
+    with open(require(GLUE / "SST-2" / "dev.tsv"), newline="", encoding="utf-8") as f:
+        rows = [row[0] for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)][1:201]
+    return sorted(rows, key=len)[::12]
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from jaxexit import EarlyExitModel
+
+    return EarlyExitModel.from_pretrained(require(MINILM), num_labels=2)
