@@ -186,13 +186,15 @@ class Backbone(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True):
+    def __call__(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True,
+                 num_layers: int | None = None):
+        """`num_layers` < L runs only the first layers (stage 2 of DeeBERT never needs layer L)."""
         cfg = self.cfg
         h = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
         bias = attention_bias(attention_mask)
         layers = _LayerStack(cfg, name="layer")
         states = [h]
-        for i in range(cfg.num_hidden_layers):
+        for i in range(cfg.num_hidden_layers if num_layers is None else num_layers):
             h = layers(i, h, bias, deterministic)
             states.append(h)
         return jnp.stack(states)
@@ -211,7 +213,7 @@ class _LayerStack(nn.Module):
 
 
 class Ramps(nn.Module):
-    """All L ramps, applied to the first-token states `[L, B, H]`; returns logits `[L, B, C]`."""
+    """Ramps 1..K applied to the first-token states `[K, B, H]` (K <= L); returns logits `[K, B, C]`."""
 
     cfg: EncoderConfig
 
@@ -220,7 +222,7 @@ class Ramps(nn.Module):
         shared = Pooler(self.cfg, name="pooler") if self.cfg.ramp_pooler == "shared" else None
         return jnp.stack(
             [Ramp(self.cfg, pooler=shared, name=str(i))(first_tokens[i], deterministic)
-             for i in range(self.cfg.num_hidden_layers)]
+             for i in range(first_tokens.shape[0])]
         )
 
 
@@ -242,8 +244,9 @@ class MultiExitEncoder(nn.Module):
         logits = self.classify(hidden[1:, :, 0], deterministic)
         return logits, (hidden if output_hidden_states else None)
 
-    def encode(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True):
-        return self.backbone(input_ids, token_type_ids, attention_mask, deterministic)
+    def encode(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True,
+               num_layers: int | None = None):
+        return self.backbone(input_ids, token_type_ids, attention_mask, deterministic, num_layers)
 
     def classify(self, first_tokens, deterministic: bool = True):
         return self.ramps(first_tokens, deterministic)

@@ -60,6 +60,11 @@ class Tokenizer:
 
         `length` pads to exactly that many tokens instead of a bucket (it must hold every row).
         """
+        return self.pad(*self.encode(texts, pairs), length=length)
+
+    def encode(self, texts: Sequence[str] | str, pairs: Sequence[str] | str | None = None
+               ) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and token-type ids per row, truncated, not padded."""
         texts = _as_list(texts, "texts")
         if pairs is not None:
             pairs = _as_list(pairs, "pairs")
@@ -72,6 +77,11 @@ class Tokenizer:
         )
         rows = enc["input_ids"]
         types = enc.get("token_type_ids") or [[0] * len(r) for r in rows]
+        return rows, types
+
+    def pad(self, rows: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None = None,
+            length: int | None = None) -> dict[str, np.ndarray]:
+        """Pad encoded rows to `length`, or to the smallest bucket that holds the longest."""
         longest = max(len(r) for r in rows)
         if length is None:
             length = self.bucket_length(longest)
@@ -82,10 +92,11 @@ class Tokenizer:
             "token_type_ids": np.zeros((len(rows), length), np.int32),
             "attention_mask": np.zeros((len(rows), length), np.int32),
         }
-        for i, (ids, tt) in enumerate(zip(rows, types)):
+        for i, ids in enumerate(rows):
             out["input_ids"][i, : len(ids)] = ids
-            out["token_type_ids"][i, : len(tt)] = tt
             out["attention_mask"][i, : len(ids)] = 1
+            if types is not None:
+                out["token_type_ids"][i, : len(ids)] = types[i]
         return out
 
     def save(self, directory: str | os.PathLike) -> None:

@@ -1,0 +1,157 @@
+"""Run directories and checkpoints (orbax), written atomically and resumable.
+
+    runs/<run>/
+      train_config.json   encoder_config.json   tokenizer/      (written once, at the start)
+      metrics.jsonl       training records and every evaluation, one JSON object a line
+      layers.csv          the latest per-layer dev table
+      checkpoints/<n>/    resumable training state (params, optimiser state, step) + meta.json
+      model/              the final parameters, what inference loads
+      summary.json        final scores, wall time and the command, once the run is complete
+    runs/LATEST           the name of the most recently started run (infer/run.py's default)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxexit.config import EncoderConfig
+
+LATEST = "LATEST"
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return json.loads(path.read_text())
+
+
+class RunDir:
+    """One fine-tuning run on disk. Only process 0 writes; every process restores."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.writer = jax.process_index() == 0
+        self._manager = None
+
+    # ---- creation ----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, output_dir: str | os.PathLike, name: str, train_config: dict, encoder_config: EncoderConfig,
+               tokenizer) -> "RunDir":
+        run = cls(Path(output_dir) / name)
+        if run.path.exists() and any(run.path.iterdir()):
+            raise FileExistsError(f"{run.path} already exists: pass --resume {run.path} to continue it, "
+                                  "or choose another --run-name")
+        if run.writer:
+            run.path.mkdir(parents=True, exist_ok=True)
+            write_json(run.path / "train_config.json", train_config)
+            write_json(run.path / "encoder_config.json", encoder_config.to_dict())
+            tokenizer.save(run.path / "tokenizer")
+            write_text(Path(output_dir) / LATEST, name + "\n")
+        return run
+
+    @classmethod
+    def latest(cls, output_dir: str | os.PathLike) -> "RunDir":
+        marker = Path(output_dir) / LATEST
+        if not marker.is_file():
+            raise FileNotFoundError(f"no {marker}: run train/finetune.py first, or pass a checkpoint path")
+        return cls(Path(output_dir) / marker.read_text().strip())
+
+    # ---- configs and logs ----------------------------------------------------------------------
+    def train_config(self) -> dict:
+        return read_json(self.path / "train_config.json")
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig.from_dict(read_json(self.path / "encoder_config.json"))
+
+    def log(self, record: dict) -> None:
+        if self.writer:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+                f.flush()
+
+    def truncate_log(self, global_step: int) -> None:
+        """Drop records past `global_step` (written after the checkpoint a resumed run restarts from)."""
+        path = self.path / "metrics.jsonl"
+        if self.writer and path.is_file():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("global_step", 0) <= global_step]
+            write_text(path, "".join(line + "\n" for line in keep))
+
+    def records(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    # ---- resumable training state ----------------------------------------------------------------
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            self._manager = ocp.CheckpointManager(
+                (self.path / "checkpoints").absolute(),
+                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+            )
+        return self._manager
+
+    def save_state(self, global_step: int, state, meta: dict) -> None:
+        self.manager.save(global_step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def latest_meta(self) -> dict | None:
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore_state(self, abstract_state):
+        step = self.manager.latest_step()
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state))).state
+
+    def wait(self) -> None:
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    # ---- the final model -------------------------------------------------------------------------
+    def save_model(self, params, summary: dict) -> None:
+        """The parameters inference uses (the last step of the last stage), then summary.json."""
+        self.wait()
+        target = (self.path / "model").absolute()
+        if target.exists() and self.writer:
+            shutil.rmtree(target)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(target, params)
+        if self.writer:
+            write_json(self.path / "summary.json", summary)
+
+    def has_model(self) -> bool:
+        return (self.path / "model").is_dir() and (self.path / "summary.json").is_file()
+
+    def load_params(self, abstract_params=None):
+        if not self.has_model():
+            raise FileNotFoundError(f"{self.path} holds no finished model (model/ and summary.json); "
+                                    "was the run interrupted? resume it with train/finetune.py --resume")
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore((self.path / "model").absolute(), abstract_params)
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")

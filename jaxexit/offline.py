@@ -1,0 +1,303 @@
+"""Offline evaluation of exit policies over cached ramp logits `[L, N, C]`.
+
+One forward pass keeps every ramp's logits; then any policy at any grid of its parameters is
+evaluated exactly: exit layers, predictions, efficiency (DESIGN.md's names: `avg_layers`,
+`saving`, `speedup`), exit-layer histogram and task score; and a parameter is calibrated on one
+split and reported on another.
+
+Grids are evaluated in closed form: each ramp's confidence is computed once per policy, then for
+every setting the first layer whose condition holds (patience through run lengths of the
+per-layer condition). Tests pin this equal to stepping `policies.step` layer by layer.
+
+Scores come from a caller's `metric(predictions, labels) -> float`, higher is better (accuracy,
+F1, MCC, Pearson, Spearman). Predictions are the argmax for classification and the scalar for
+regression (`C = 1`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from jaxexit import policies
+from jaxexit.policies import Policy
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+# Bound on one [settings, L, N] block of the closed form (~4M elements), so big dev sets
+# (QQP: 40k rows) and big grids do not allocate gigabytes.
+_BLOCK = 1 << 22
+# Slack for comparing savings and score drops: 0.9 - 0.8 is 0.09999999999999998 in floats.
+_TOL = 1e-9
+
+
+# ---- efficiency and predictions ------------------------------------------------------------------
+def efficiency(exit_layer, num_layers: int) -> dict:
+    """`avg_layers = mean(m)`, `saving = 1 - avg_layers / L`, `speedup = L / avg_layers`."""
+    avg_layers = float(np.mean(exit_layer))
+    return {"avg_layers": avg_layers, "saving": 1.0 - avg_layers / num_layers, "speedup": num_layers / avg_layers}
+
+
+def exit_histogram(exit_layer, num_layers: int) -> np.ndarray:
+    """Number of inputs exiting at each layer `1..L` (index 0 is layer 1)."""
+    return np.bincount(np.asarray(exit_layer) - 1, minlength=num_layers)
+
+
+def ramp_predictions(logits) -> np.ndarray:
+    """Every ramp's predictions `[L, N]` from logits `[L, N, C]`."""
+    return policies.prediction(np.asarray(logits))
+
+
+def full_score(logits, labels, metric: Metric) -> float:
+    """The full model's score: ramp `L` for every input."""
+    return float(metric(ramp_predictions(logits)[-1], labels))
+
+
+# ---- closed form over a grid of settings ---------------------------------------------------------
+def _layer_measure(name: str, logits: np.ndarray):
+    """What a policy thresholds, for every ramp and row: `[L, N]` (None for static)."""
+    return {
+        "entropy": policies.entropy,
+        "pcee": policies.normalized_entropy,
+        "maxprob": policies.max_prob,
+        "pabee": policies.prediction,
+        "static": lambda _: None,
+    }[name](logits)
+
+
+def _run_length(ok: np.ndarray) -> np.ndarray:
+    """Consecutive True values ending at each layer along axis 0 of `[L, G, N]`: the counter k_i."""
+    run = np.zeros(ok.shape, np.int32)
+    run[0] = ok[0]
+    for i in range(1, len(ok)):
+        run[i] = ok[i] * (run[i - 1] + 1)
+    return run
+
+
+def _fires(name: str, measure, block: Sequence[Policy], shape: tuple[int, int]) -> np.ndarray:
+    """Whether each setting's exit condition holds at each layer: bool `[L, G, N]`.
+
+    Layer-major, so that per-layer slices are contiguous.
+    """
+    G, (L, N) = len(block), shape
+
+    def col(key):
+        return np.asarray([p[key] for p in block])[None, :, None]
+
+    if name == "entropy":
+        return measure[:, None] < col("S")
+    if name == "maxprob":
+        return measure[:, None] > col("t")
+    if name == "pcee":
+        return _run_length(measure[:, None] < col("tau")) >= col("patience")
+    if name == "pabee":
+        if block[0].num_labels == 1:
+            agree = np.abs(measure[1:] - measure[:-1])[:, None] < col("delta")
+        else:
+            agree = np.broadcast_to((measure[1:] == measure[:-1])[:, None], (L - 1, G, N))
+        agree = np.concatenate([np.zeros((1, G, N), bool), agree])  # layer 1: nothing to agree with
+        return _run_length(agree) >= col("patience")
+    layers = np.arange(1, L + 1)[:, None, None]
+    return np.broadcast_to(layers >= col("k"), (L, G, N))
+
+
+def _first_exit(fires: np.ndarray) -> np.ndarray:
+    """First layer (1-based) whose condition holds, else L: `[G, N]`. Layer L's is ignored."""
+    L = len(fires)
+    exit_layer = np.full(fires.shape[1:], L, np.int64)
+    for i in range(L - 2, -1, -1):  # from layer L-1 down, so the earliest layer is written last
+        exit_layer[fires[i]] = i + 1
+    return exit_layer
+
+
+def _blocks(settings: Sequence[Policy], logits: np.ndarray) -> Iterator[tuple[list[int], np.ndarray]]:
+    """`(positions in settings, their exit layers [len(positions), N])`; each policy's measure once."""
+    L, N, C = logits.shape
+    for p in settings:
+        if (p.num_layers, p.num_labels) != (L, C):
+            raise ValueError(f"{p} is for L={p.num_layers}, C={p.num_labels}; logits are [L, N, C] = {logits.shape}")
+    size = max(1, _BLOCK // max(1, L * N))
+    for name in dict.fromkeys(p.name for p in settings):
+        group = [i for i, p in enumerate(settings) if p.name == name]
+        measure = _layer_measure(name, logits)
+        for start in range(0, len(group), size):
+            positions = group[start:start + size]
+            block = [settings[i] for i in positions]
+            yield positions, _first_exit(_fires(name, measure, block, (L, N)))
+
+
+def exit_layers(settings: Policy | Sequence[Policy], logits) -> np.ndarray:
+    """Exit layers (1-based) for one policy `[N]` or for a list of settings `[G, N]` (any mix)."""
+    logits = np.asarray(logits)
+    if isinstance(settings, Policy):
+        return exit_layers([settings], logits)[0]
+    out = np.empty((len(settings), logits.shape[1]), np.int64)
+    for positions, layers in _blocks(list(settings), logits):
+        out[positions] = layers
+    return out
+
+
+# ---- evaluating settings -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One policy setting on one split."""
+
+    policy: Policy
+    exit_layer: np.ndarray  # [N], 1-based
+    prediction: np.ndarray  # [N], from ramp exit_layer
+    histogram: np.ndarray   # [L], inputs exiting at layers 1..L
+    avg_layers: float
+    saving: float
+    speedup: float
+    score: float | None     # None without a metric
+
+    def row(self) -> dict:
+        return _row(self.policy, self.score, self.exit_layer, self.histogram)
+
+
+def _row(policy: Policy, score, exit_layer, histogram) -> dict:
+    return {"policy": policy.name, "params": dict(policy.params), "score": score,
+            **efficiency(exit_layer, policy.num_layers), "exit_histogram": histogram.tolist()}
+
+
+def _score(metric: Metric | None, prediction, labels):
+    if metric is None:
+        return None
+    if labels is None:
+        raise ValueError("a metric needs labels")
+    return float(metric(prediction, labels))
+
+
+def evaluate(policy: Policy, logits, labels=None, metric: Metric | None = None) -> Evaluation:
+    """Exit layers, predictions, efficiency, histogram and (with `metric`) score of one setting."""
+    logits = np.asarray(logits)
+    exit_layer = exit_layers(policy, logits)
+    prediction = ramp_predictions(logits)[exit_layer - 1, np.arange(logits.shape[1])]
+    eff = efficiency(exit_layer, policy.num_layers)
+    return Evaluation(policy, exit_layer, prediction, exit_histogram(exit_layer, policy.num_layers),
+                      eff["avg_layers"], eff["saving"], eff["speedup"], _score(metric, prediction, labels))
+
+
+def default_grid(name: str, num_layers: int, num_labels: int) -> list[dict]:
+    """Parameter settings spanning a policy's trade-off curve (papers' figures).
+
+    Threshold grids are spaced quadratically, denser where fine-tuned ramps' confidences sit
+    (entropy near 0, max probability near 1); each includes the setting that reproduces the full
+    model (S = 0, tau = 0, t = 1, pabee patience = L, static k = L).
+    """
+    L, C = num_layers, num_labels
+    q = np.linspace(0.0, 1.0, 201) ** 2
+    if name in policies.SOFTMAX_POLICIES and C == 1:
+        raise ValueError(f"policy {name!r} does not apply to regression (num_labels=1)")
+    if name == "entropy":
+        return [{"S": float(x * math.log(C))} for x in q]
+    if name == "maxprob":
+        return [{"t": float(1.0 - x * (1.0 - 1.0 / C))} for x in q[::-1]]
+    if name == "pcee":
+        taus = np.linspace(0.0, 1.0, 41) ** 2
+        return [{"patience": p, "tau": float(tau)} for p in range(1, max(L, 2)) for tau in taus]
+    if name == "pabee":
+        if C == 1:  # regression: agreement within delta (label units, e.g. STS-B's 0..5)
+            return [{"patience": p, "delta": d} for p in range(1, L + 1) for d in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)]
+        return [{"patience": p} for p in range(1, L + 1)]
+    if name == "static":
+        return [{"k": k} for k in range(1, L + 1)]
+    raise ValueError(f"unknown exit policy {name!r}; choose one of {policies.POLICIES}")
+
+
+def applicable(num_labels: int) -> tuple[str, ...]:
+    """Policies that apply to a task with `num_labels` outputs."""
+    return tuple(n for n in policies.POLICIES if num_labels > 1 or n not in policies.SOFTMAX_POLICIES)
+
+
+def sweep(logits, labels=None, metric: Metric | None = None,
+          grids: Mapping[str, Sequence[Mapping] | None] | None = None) -> list[dict]:
+    """Evaluate every setting of every policy's grid; one row per setting, in grid order.
+
+    `grids` maps a policy name to its parameter settings (None: `default_grid`); by default every
+    policy that applies to the task. Rows: `{"policy", "params", "score", "avg_layers", "saving",
+    "speedup", "exit_histogram"}`.
+    """
+    logits = np.asarray(logits)
+    L, N, C = logits.shape
+    if grids is None:
+        grids = dict.fromkeys(applicable(C))
+    settings = [Policy(name, L, C, tuple(params.items()))
+                for name, grid in grids.items()
+                for params in (default_grid(name, L, C) if grid is None else grid)]
+    preds, rows = ramp_predictions(logits), [None] * len(settings)
+    for positions, layers in _blocks(settings, logits):
+        for i, exit_layer in zip(positions, layers):
+            prediction = preds[exit_layer - 1, np.arange(N)]
+            rows[i] = _row(settings[i], _score(metric, prediction, labels), exit_layer, exit_histogram(exit_layer, L))
+    return rows
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """A setting chosen on a calibration split, with its rows there and on a held-out split.
+
+    Rows are `sweep` rows plus `full_score` (ramp L on that split) and `drop = full_score - score`.
+    """
+
+    policy: Policy
+    rule: str
+    calibration: dict
+    heldout: dict | None
+
+
+def calibrate(name: str, logits, labels, metric: Metric, *, target_saving: float | None = None,
+              max_drop: float | None = None, grid: Sequence[Mapping] | None = None,
+              heldout: tuple | None = None) -> Calibration:
+    """Choose policy `name`'s setting on a calibration split; report it on `heldout=(logits, labels)`.
+
+    Exactly one rule:
+    * `target_saving`: the highest-scoring setting whose `saving >= target_saving`
+      (ties: higher saving, then earlier in the grid);
+    * `max_drop`: the setting with the largest `saving` whose score drop below the full model,
+      `full_score - score`, is at most `max_drop` in the metric's units (ties: higher score, then
+      earlier in the grid).
+    Comparisons allow 1e-9 of float slack. Raises ValueError if no grid setting qualifies.
+    """
+    if (target_saving is None) == (max_drop is None):
+        raise ValueError("give exactly one of target_saving and max_drop")
+    if target_saving is not None and not 0.0 <= target_saving < 1.0:
+        raise ValueError(f"target_saving must be in [0, 1), got {target_saving}")
+    if max_drop is not None and not max_drop >= 0.0:
+        raise ValueError(f"max_drop must be >= 0, got {max_drop}")
+    if metric is None or labels is None:
+        raise ValueError("calibration needs labels and a metric")
+    logits = np.asarray(logits)
+    full = full_score(logits, labels, metric)
+    rows = [_with_drop(r, full) for r in sweep(logits, labels, metric, {name: grid})]
+    if target_saving is not None:
+        rule = f"max score s.t. saving >= {target_saving}"
+        ok = [i for i, r in enumerate(rows) if r["saving"] >= target_saving - _TOL]
+        key = lambda i: (rows[i]["score"], rows[i]["saving"], -i)  # noqa: E731
+        best = max((rows[i]["saving"] for i in range(len(rows))), default=None)
+        why = f"the largest saving in the grid is {best}"
+    else:
+        rule = f"max saving s.t. full_score - score <= {max_drop}"
+        ok = [i for i, r in enumerate(rows) if r["drop"] <= max_drop + _TOL]
+        key = lambda i: (rows[i]["saving"], rows[i]["score"], -i)  # noqa: E731
+        best = min((rows[i]["drop"] for i in range(len(rows))), default=None)
+        why = f"the smallest drop in the grid is {best}"
+    if not ok:
+        raise ValueError(f"no {name} setting meets '{rule}' on the calibration split; {why}")
+    chosen = rows[max(ok, key=key)]
+    L, _, C = logits.shape
+    policy = Policy(name, L, C, tuple(chosen["params"].items()))
+    report = None
+    if heldout is not None:
+        held_logits, held_labels = heldout
+        held_full = full_score(held_logits, held_labels, metric)
+        report = _with_drop(evaluate(policy, held_logits, held_labels, metric).row(), held_full)
+    return Calibration(policy, rule, chosen, report)
+
+
+def _with_drop(row: dict, full: float) -> dict:
+    return {**row, "full_score": full, "drop": full - row["score"]}

@@ -1,0 +1,100 @@
+"""Losses and the jitted training / evaluation steps of both schemes.
+
+`two_stage` (DeeBERT): stage 1 trains embeddings, layers and ramp L on L_L; stage 2 trains ramps
+1..L-1 on sum_{i<L} L_i with gradients taken with respect to the ramp subtree only (the backbone
+runs forward, without a backward pass, and layer L is not run at all). `joint` (PABEE / PCEE):
+everything trains on sum_i i * L_i / sum_i i.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxexit import modeling, optim
+from jaxexit.config import EncoderConfig
+
+
+def ramp_losses(logits: jax.Array, labels: jax.Array, weights: jax.Array, regression: bool) -> jax.Array:
+    """Per-ramp weighted mean loss `[K]` from logits `[K, B, C]`: cross-entropy, or MSE (C = 1)."""
+    if regression:
+        per_example = jnp.square(logits[..., 0] - labels.astype(jnp.float32))
+    else:
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        per_example = -jnp.take_along_axis(logp, labels.astype(jnp.int32)[None, :, None], axis=-1)[..., 0]
+    return (per_example * weights).sum(-1) / jnp.maximum(weights.sum(), 1.0)
+
+
+def joint_weights(num_layers: int) -> jax.Array:
+    """PABEE/PCEE's weights i / sum_i i for ramps i = 1..L."""
+    w = jnp.arange(1, num_layers + 1, dtype=jnp.float32)
+    return w / w.sum()
+
+
+def _inputs(batch):
+    return batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+
+
+def stage_loss(cfg: EncoderConfig, stage: int, params, batch, rng):
+    """The scalar training loss of `stage` (0 joint, 1, 2) and the per-ramp losses it used."""
+    module = modeling.MultiExitEncoder(cfg)
+    L = cfg.num_hidden_layers
+    rng_backbone, rng_ramps = jax.random.split(rng)
+    train = dict(deterministic=False)
+    args = (batch["label"], batch["weight"], cfg.is_regression)
+    if stage == 1:
+        hidden = module.apply({"params": {"backbone": params["backbone"]}}, *_inputs(batch), **train,
+                              rngs={"dropout": rng_backbone}, method="encode")
+        logits = modeling.Ramp(cfg).apply({"params": modeling.ramp_params(cfg, params, L - 1)}, hidden[-1][:, 0],
+                                          **train, rngs={"dropout": rng_ramps})
+        losses = ramp_losses(logits[None], *args)
+        return losses[0], losses
+    if stage == 0:
+        logits, _ = module.apply({"params": params}, *_inputs(batch), **train,
+                                 rngs={"dropout": rng_backbone})
+        losses = ramp_losses(logits, *args)
+        return (joint_weights(L) * losses).sum(), losses
+    raise ValueError("stage 2 takes ramp parameters only: use stage2_loss")
+
+
+def stage2_loss(cfg: EncoderConfig, ramps, first_tokens, batch, rng):
+    """Sum of ramps 1..L-1's losses, as a function of the ramp subtree alone."""
+    logits = modeling.MultiExitEncoder(cfg).apply(
+        {"params": {"ramps": ramps}}, first_tokens, deterministic=False, rngs={"dropout": rng}, method="classify"
+    )
+    losses = ramp_losses(logits, batch["label"], batch["weight"], cfg.is_regression)
+    return losses.sum(), losses
+
+
+def train_step(cfg: EncoderConfig, stage: int, tx: optax.GradientTransformation, labels, state, batch, rng):
+    """One optimiser step. `state` is `{"params", "opt_state", "step"}`; returns (state, metrics)."""
+    params = state["params"]
+    rng = jax.random.fold_in(rng, state["step"])
+    if stage == 2:
+        rng_backbone, rng_ramps = jax.random.split(rng)
+        hidden = modeling.MultiExitEncoder(cfg).apply(
+            {"params": {"backbone": params["backbone"]}}, *_inputs(batch), deterministic=False,
+            rngs={"dropout": rng_backbone}, method="encode", num_layers=cfg.num_hidden_layers - 1,
+        )
+        first_tokens = jax.lax.stop_gradient(hidden[1:, :, 0])  # a constant: no backward into the backbone
+        (loss, losses), ramp_grads = jax.value_and_grad(
+            functools.partial(stage2_loss, cfg), has_aux=True
+        )(params["ramps"], first_tokens, batch, rng_ramps)
+        grads = {"backbone": jax.tree_util.tree_map(jnp.zeros_like, params["backbone"]), "ramps": ramp_grads}
+    else:
+        (loss, losses), grads = jax.value_and_grad(
+            functools.partial(stage_loss, cfg, stage), has_aux=True
+        )(params, batch, rng)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optim.apply_updates(params, updates, labels), "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    return new_state, {"loss": loss, "ramp_losses": losses}
+
+
+def eval_logits(cfg: EncoderConfig, params, batch):
+    """Every ramp's logits `[L, B, C]` in eval mode."""
+    logits, _ = modeling.MultiExitEncoder(cfg).apply({"params": params}, *_inputs(batch))
+    return logits

@@ -1,0 +1,203 @@
+"""Fine-tuning on GLUE: DeeBERT's two stages or the joint scheme, data parallel, resumable.
+
+Read top to bottom: mesh -> data -> model -> (per stage) optimiser, sharded state, restore,
+update loop with evaluation and checkpoints -> the final model and summary.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxexit import batches, glue, metrics, optim, parallel, steps
+from jaxexit.api import EarlyExitModel
+from jaxexit.checkpoint import RunDir, timestamp, write_text
+from jaxexit.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+STAGE_NAMES = {0: "joint", 1: "stage 1", 2: "stage 2"}
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+def ramp_logits_for_split(model_cfg, params, tokenizer, split: batches.EncodedSplit, batch_size: int, mesh):
+    """Every ramp's logits `[L, N, C]` over a split, in the split's order (eval mode)."""
+    fn = jax.jit(functools.partial(steps.eval_logits, model_cfg))
+    out = np.zeros((model_cfg.num_hidden_layers, len(split), model_cfg.num_labels), np.float32)
+    for positions, batch in batches.eval_batches(tokenizer, split, batch_size):
+        inputs = parallel.shard_batch({k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}, mesh)
+        logits = multihost_utils.process_allgather(fn(params, inputs), tiled=True)
+        out[:, positions] = np.asarray(logits)[:, : len(positions)]
+    return out
+
+
+def layer_scores(task: glue.Task, logits: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """Each ramp's task metrics on one split, ramp 1 first."""
+    preds = logits[..., 0] if task.is_regression else logits.argmax(-1)
+    return [metrics.task_metrics(task, p, labels) for p in preds]
+
+
+def layer_table(task: glue.Task, scores: dict[str, list[dict]]) -> str:
+    """CSV: one row per ramp, one column per (split, metric)."""
+    columns = [(split, name) for split, rows in scores.items() for name in rows[0]]
+    lines = ["layer," + ",".join(f"{split}_{name}" for split, name in columns)]
+    for i in range(len(next(iter(scores.values())))):
+        lines.append(f"{i + 1}," + ",".join(f"{scores[s][i][n]:.4f}" for s, n in columns))
+    return "\n".join(lines) + "\n"
+
+
+def format_table(task: glue.Task, scores: dict[str, list[dict]]) -> str:
+    rows = layer_table(task, scores).strip().split("\n")
+    cells = [r.split(",") for r in rows]
+    widths = [max(len(c[j]) for c in cells) for j in range(len(cells[0]))]
+    return "\n".join("  ".join(c[j].rjust(widths[j]) for j in range(len(c))) for c in cells)
+
+
+# ---- the run -----------------------------------------------------------------------------------
+def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> RunDir:
+    """Fine-tune `cfg.model` on `cfg.task`; returns the run directory (see jaxexit/checkpoint.py)."""
+    started = time.time()
+    parallel.maybe_initialize_distributed()
+    mesh = parallel.data_mesh()
+    parallel.check_batch_size(cfg.batch_size, mesh)
+    parallel.check_batch_size(cfg.eval_batch_size, mesh)
+    task = glue.get_task(cfg.task)
+
+    # Model and tokenizer.
+    model = EarlyExitModel.from_pretrained(cfg.model, num_labels=task.num_labels, ramp_pooler=cfg.pooler,
+                                           max_length=cfg.max_length, seed=cfg.seed)
+    if model.tokenizer is None:
+        raise ValueError(f"{cfg.model} has no tokenizer files; fine-tuning needs them")
+    mcfg, tokenizer = model.config, model.tokenizer
+
+    # Run directory: new, or the one being resumed (its saved config wins).
+    if resume:
+        run = RunDir.latest(cfg.output_dir) if resume == "latest" else RunDir(resume)
+        saved = TrainConfig.from_dict(run.train_config())
+        if saved != cfg:
+            log.warning("resuming %s with its saved config (command-line settings ignored)", run.path)
+        cfg = saved
+    else:
+        name = cfg.run_name or f"{task.name}-{cfg.scheme}-{timestamp()}"
+        run = RunDir.create(cfg.output_dir, name, cfg.to_dict(), mcfg, tokenizer)
+
+    # Data, tokenised once.
+    train = _limit(glue.load_examples(task, "train", cfg.data_dir), cfg.max_train_examples)
+    train_split = batches.encode_examples(tokenizer, task, train)
+    devs = {s: batches.encode_examples(tokenizer, task, _limit(glue.load_examples(task, s, cfg.data_dir),
+                                                                 cfg.max_eval_examples))
+            for s in task.dev_splits}
+    per_epoch = batches.steps_per_epoch(len(train_split), cfg.batch_size)
+    totals = {s: _stage_steps(cfg, s, per_epoch) for s in cfg.stages}
+    offsets = dict(zip(cfg.stages, np.cumsum([0] + [totals[s] for s in cfg.stages])[:-1].tolist()))
+    log.info("%s: %d train examples, %d steps/epoch, stages %s, %d devices",
+             task.tsv_dir, len(train_split), per_epoch, totals, mesh.devices.size)
+
+    params = parallel.replicate(model.params, mesh)
+    meta = run.latest_meta() if resume else None
+    if resume and meta is None:
+        log.warning("%s has no checkpoint yet: starting from the beginning", run.path)
+    if meta is not None:
+        run.truncate_log(meta["global_step"])
+    final_scores = None
+
+    for stage in cfg.stages:
+        if meta is not None and cfg.stages.index(stage) < cfg.stages.index(meta["stage"]):
+            continue  # finished before the interruption
+        tx, labels = optim.make_optimizer(
+            params, stage=stage, num_layers=mcfg.num_hidden_layers, lr=cfg.stage_lr(stage),
+            total_steps=totals[stage], warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+            b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
+        replicated = parallel.replicated(mesh)
+        init = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": np.int32(0)},
+                       out_shardings=replicated)
+        if meta is not None and meta["stage"] == stage:
+            abstract = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init, params))
+            state = run.restore_state(abstract)
+            log.info("resumed %s at step %d of %d", STAGE_NAMES[stage], int(state["step"]), totals[stage])
+        else:
+            state = init(params)
+        meta = None
+        step_fn = jax.jit(functools.partial(steps.train_step, mcfg, stage, tx, labels), donate_argnums=(0,))
+        rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), stage)
+
+        bar = _progress(progress, totals[stage], STAGE_NAMES[stage], int(state["step"]))
+        seen, tick = 0, time.time()
+        while (step := int(state["step"])) < totals[stage]:
+            epoch, first = divmod(step, per_epoch)
+            for batch in batches.train_batches(tokenizer, train_split, cfg.batch_size, cfg.seed * 1000 + stage,
+                                               epoch, start=first):
+                state, out = step_fn(state, parallel.shard_batch(batch, mesh), rng)
+                step += 1
+                seen += cfg.batch_size
+                global_step = offsets[stage] + step
+                if step % cfg.log_every == 0 or step == totals[stage]:
+                    loss = float(out["loss"])
+                    rate = seen / max(time.time() - tick, 1e-9)
+                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
+                    run.log({"kind": "train", "stage": stage, "step": step, "global_step": global_step,
+                             "epoch": epoch, "loss": loss, "examples_per_s": rate,
+                             "ramp_losses": np.asarray(out["ramp_losses"]).round(5).tolist()})
+                    seen, tick = 0, time.time()
+                bar.update(1)
+                end_of_epoch = step % per_epoch == 0
+                if end_of_epoch or step == totals[stage]:
+                    final_scores = _evaluate(run, task, mcfg, tokenizer, devs, state["params"], cfg, mesh,
+                                             stage, step, global_step, epoch + 1)
+                if end_of_epoch or step == totals[stage] or step % cfg.save_every == 0:
+                    run.save_state(global_step, state, {"stage": stage, "global_step": global_step,
+                                                         "step": step, "config": cfg.to_dict()})
+                if step == totals[stage]:
+                    break
+        bar.close()
+        params = state["params"]  # stage 2 starts from stage 1's last parameters (the papers' rule)
+
+    run.wait()
+    if final_scores is None:  # resumed after the last step: evaluate once more
+        final_scores = _evaluate(run, task, mcfg, tokenizer, devs, params, cfg, mesh, cfg.stages[-1],
+                                 totals[cfg.stages[-1]], sum(totals.values()), None)
+    summary = {
+        "task": task.name, "scheme": cfg.scheme, "model": cfg.model, "stages": totals,
+        "final_ramp": {s: rows[-1] for s, rows in final_scores.items()},
+        "per_layer": final_scores, "wall_time_s": round(time.time() - started, 1),
+        "command": " ".join(sys.argv), "devices": mesh.devices.size, "checkpoint_rule": "last step",
+    }
+    run.save_model(params, summary)
+    return run
+
+
+def _evaluate(run, task, mcfg, tokenizer, devs, params, cfg, mesh, stage, step, global_step, epoch):
+    scores = {}
+    for split, data in devs.items():
+        logits = ramp_logits_for_split(mcfg, params, tokenizer, data, cfg.eval_batch_size, mesh)
+        scores[split] = layer_scores(task, logits, data.labels)
+    run.log({"kind": "eval", "stage": stage, "step": step, "global_step": global_step, "epoch": epoch,
+             "per_layer": scores})
+    if run.writer:
+        write_text(run.path / "layers.csv", layer_table(task, scores))
+        print(f"\n{task.tsv_dir} dev, {STAGE_NAMES[stage]}, epoch {epoch} (per ramp):\n"
+              f"{format_table(task, scores)}", flush=True)
+    return scores
+
+
+def _stage_steps(cfg: TrainConfig, stage: int, per_epoch: int) -> int:
+    total = math.ceil(cfg.stage_epochs(stage) * per_epoch)
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def _limit(examples, n: int):
+    return examples[:n] if n else examples
+
+
+def _progress(enabled: bool, total: int, desc: str, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled or jax.process_index() != 0,
+                dynamic_ncols=True)
