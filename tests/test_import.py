@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import tiny
 from conftest import REPO
 from jaxexit import CheckpointError, EarlyExitModel
 
@@ -22,25 +23,7 @@ HF_CONFIG = dict(model_type="bert", vocab_size=V, hidden_size=H, num_hidden_laye
 
 
 def bert_tensors(prefix: str = "", pooler: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
-    """A random BERT state dict with Hugging Face names (torch layout: Linear weight is [out, in])."""
-    rng = np.random.default_rng(seed)
-    shapes = {
-        "embeddings.word_embeddings.weight": (V, H), "embeddings.position_embeddings.weight": (P, H),
-        "embeddings.token_type_embeddings.weight": (2, H),
-        "embeddings.LayerNorm.weight": (H,), "embeddings.LayerNorm.bias": (H,),
-    }
-    for i in range(L):
-        for name, out, inp in [("attention.self.query", H, H), ("attention.self.key", H, H),
-                               ("attention.self.value", H, H), ("attention.output.dense", H, H),
-                               ("intermediate.dense", I, H), ("output.dense", H, I)]:
-            shapes[f"encoder.layer.{i}.{name}.weight"] = (out, inp)
-            shapes[f"encoder.layer.{i}.{name}.bias"] = (out,)
-        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
-            shapes[f"encoder.layer.{i}.{norm}.weight"] = (H,)
-            shapes[f"encoder.layer.{i}.{norm}.bias"] = (H,)
-    if pooler:
-        shapes["pooler.dense.weight"], shapes["pooler.dense.bias"] = (H, H), (H,)
-    return {prefix + k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    return tiny.bert_tensors(V, H, L, I, P, prefix=prefix, pooler=pooler, seed=seed)
 
 
 def write_checkpoint(directory: Path, tensors: dict, config: dict | None = None) -> Path:

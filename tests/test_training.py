@@ -1,0 +1,271 @@
+"""Training: what each stage trains and freezes, the optimiser partition, resuming, data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import tiny
+from conftest import GLUE, MINILM, REPO, require
+from jaxexit import EarlyExitModel, EncoderConfig, optim, steps
+from jaxexit.checkpoint import RunDir
+from jaxexit.train_config import TrainConfig
+from jaxexit.trainer import finetune
+
+
+def _leaves(tree):
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _tiny_model(**overrides):
+    fields = dict(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                  intermediate_size=24, max_position_embeddings=16, num_labels=2)
+    fields.update(overrides)
+    return EarlyExitModel.from_config(EncoderConfig(**fields))
+
+
+def _batch(n=8, t=10, regression=False, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = (np.arange(t)[None] < rng.integers(3, t + 1, (n, 1))).astype(np.int32)
+    ids = np.where(mask == 1, rng.integers(1, 40, (n, t)), 0).astype(np.int32)
+    label = rng.uniform(0, 5, n).astype(np.float32) if regression else rng.integers(0, 2, n).astype(np.int32)
+    return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": mask,
+            "label": label, "weight": np.ones(n, np.float32)}
+
+
+def _run_steps(model, stage, n=3, **overrides):
+    tx, labels = optim.make_optimizer(model.params, stage=stage, num_layers=model.num_layers, lr=1e-2,
+                                      total_steps=10, warmup_ratio=0.0, weight_decay=0.01, **overrides)
+    state = {"params": model.params, "opt_state": tx.init(model.params), "step": np.int32(0)}
+    step = jax.jit(lambda s, b, r: steps.train_step(model.config, stage, tx, labels, s, b, r))
+    for i in range(n):
+        state, out = step(state, _batch(seed=i, regression=model.config.is_regression), jax.random.key(0, impl="rbg"))
+    return state, out
+
+
+# ---- what each stage trains ------------------------------------------------------------------
+@pytest.mark.parametrize("pooler", ["per_ramp", "shared"])
+def test_stage2_leaves_backbone_and_last_ramp_bit_identical(pooler):
+    model = _tiny_model(ramp_pooler=pooler)
+    before = _leaves(model.params)
+    state, _ = _run_steps(model, stage=2)
+    after = _leaves(state["params"])
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    frozen = {k for k in before if "'backbone'" in k or "'ramps']['2']" in k or "['pooler']['dense']" in k and pooler == "shared"}
+    assert frozen and not (changed & frozen)
+    for k in frozen:  # bit-identical, not merely close
+        assert before[k].tobytes() == after[k].tobytes(), k
+    trained = {k for k in before if "'ramps']['0']" in k or "'ramps']['1']" in k}
+    assert trained <= changed | {k for k in trained if "bias" in k and "pooler" in k}  # everything else moved
+    assert any("classifier" in k for k in changed)
+
+
+def test_stage2_optimizer_state_holds_nothing_for_frozen_parameters():
+    model = _tiny_model()
+    tx, _ = optim.make_optimizer(model.params, stage=2, num_layers=3, lr=1e-3, total_steps=10,
+                                 warmup_ratio=0.1, weight_decay=0.01)
+    state = tx.init(model.params)
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    arrays = [p for p in paths if not p.endswith(".count")]
+    assert arrays and all("'ramps']['0']" in p or "'ramps']['1']" in p for p in arrays), arrays
+    n_state = sum(np.size(x) for x in jax.tree_util.tree_leaves(state))
+    n_trainable = sum(np.size(v) for k, v in _leaves(model.params).items() if "'ramps']['0']" in k or "'ramps']['1']" in k)
+    assert n_state <= 2 * n_trainable + 8  # adam's mu and nu for the trainable ramps, a few counters
+
+
+def test_stage1_trains_backbone_and_last_ramp_only():
+    model = _tiny_model()
+    before = _leaves(model.params)
+    state, out = _run_steps(model, stage=1)
+    after = _leaves(state["params"])
+    for k in before:
+        moved = not np.array_equal(before[k], after[k])
+        if "'ramps']['0']" in k or "'ramps']['1']" in k:
+            assert not moved, k
+    assert not np.array_equal(before["['backbone']['layer']['0']['output']['dense']['kernel']"],
+                              after["['backbone']['layer']['0']['output']['dense']['kernel']"])
+    assert out["ramp_losses"].shape == (1,)
+
+
+def test_joint_loss_weights_ramps_by_depth():
+    model = _tiny_model(num_labels=1)  # regression: MSE
+    batch = _batch(regression=True)
+    loss, losses = steps.stage_loss(model.config, 0, model.params, batch, jax.random.key(0, impl="rbg"))
+    assert losses.shape == (3,)
+    np.testing.assert_allclose(loss, (1 * losses[0] + 2 * losses[1] + 3 * losses[2]) / 6, rtol=1e-6)
+    state, _ = _run_steps(model, stage=0)
+    changed = [k for k, v in _leaves(state["params"]).items() if not np.array_equal(v, _leaves(model.params)[k])]
+    assert any("'ramps']['0']" in k for k in changed) and any("backbone" in k for k in changed)
+
+
+def test_ramp_losses_cross_entropy_and_weights():
+    logits = np.array([[[2.0, 0.0], [0.0, 3.0], [5.0, 5.0]]], np.float32)
+    labels = np.array([0, 1, 0])
+    weights = np.array([1.0, 1.0, 0.0], np.float32)  # the third row is padding
+    got = steps.ramp_losses(logits, labels, weights, regression=False)
+    want = (np.log1p(np.exp(-2.0)) + np.log1p(np.exp(-3.0))) / 2
+    np.testing.assert_allclose(got, [want], rtol=1e-6)
+
+
+# ---- the optimiser partition -----------------------------------------------------------------
+def test_labels_cover_every_parameter_and_decay_skips_bias_and_layernorm():
+    params = _tiny_model(ramp_pooler="shared").params
+    for stage in (0, 1, 2):
+        labels = _leaves(optim.param_labels(params, stage, 3))
+        assert set(map(str, labels.values())) <= {"trainable", "frozen"}
+    stage2 = _leaves(optim.param_labels(params, 2, 3))
+    assert stage2["['ramps']['pooler']['dense']['kernel']"] == "frozen"  # shared pooler: trained in stage 1
+    assert stage2["['ramps']['1']['classifier']['kernel']"] == "trainable"
+    decay = _leaves(optim.decay_mask(params))
+    assert not decay["['backbone']['embeddings']['LayerNorm']['scale']"]
+    assert not decay["['backbone']['layer']['0']['attention']['self']['query']['bias']"]
+    assert decay["['backbone']['layer']['0']['attention']['self']['query']['kernel']"]
+    with pytest.raises(ValueError, match="no training rule covers"):
+        optim.param_labels({"other": {"w": np.zeros(2)}}, 1, 3)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    sched = optim.schedule(1.0, total_steps=100, warmup_ratio=0.1)
+    assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1.0)
+    assert float(sched(5)) == pytest.approx(0.5) and float(sched(55)) == pytest.approx(0.5)
+    assert float(sched(100)) == pytest.approx(0.0)
+
+
+def test_set_to_zero_partition_differs_from_masked_adamw():
+    """Why freezing uses multi_transform: optax.masked passes raw gradients for unmasked leaves."""
+    params = {"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)}
+    grads = {"a": np.full(2, 3.0, np.float32), "b": np.full(2, 3.0, np.float32)}
+    masked = optax.masked(optax.adam(0.1), {"a": True, "b": False})
+    updates, _ = masked.update(grads, masked.init(params), params)
+    assert np.all(updates["b"] == 3.0)  # the raw gradient would be applied to a "frozen" leaf
+    tx = optax.multi_transform({"trainable": optax.adam(0.1), "frozen": optax.set_to_zero()},
+                               {"a": "trainable", "b": "frozen"})
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert np.all(updates["b"] == 0.0)
+
+
+# ---- end to end: tiny model, both schemes, resume, several devices ---------------------------
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny.make_tiny_checkpoint(root / "model"), tiny.make_tiny_glue(root / "glue")
+
+
+def _cfg(tiny_setup, tmp_path, **overrides):
+    model, data = tiny_setup
+    fields = dict(task="sst2", model=str(model), data_dir=str(data), batch_size=8, eval_batch_size=16, max_length=32,
+                  lr=1e-2, epochs=3.0, output_dir=str(tmp_path / "runs"), save_every=3, log_every=1, seed=7)
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+@pytest.mark.parametrize("scheme,task", [("two_stage", "sst2"), ("joint", "sst2"), ("joint", "stsb")])
+def test_tiny_end_to_end(tiny_setup, tmp_path, scheme, task):
+    run = finetune(_cfg(tiny_setup, tmp_path, scheme=scheme, task=task, run_name="r"), progress=False)
+    summary = json.loads((run.path / "summary.json").read_text())
+    split = summary["per_layer"]["validation"]
+    assert len(split) == 3 and summary["checkpoint_rule"] == "last step"
+    assert set(split[-1]) == ({"pearson", "spearman"} if task == "stsb" else {"accuracy"})
+    assert (run.path / "layers.csv").read_text().startswith("layer,validation_")
+    records = run.records()
+    stages = {r["stage"] for r in records if r["kind"] == "train"}
+    assert stages == ({1, 2} if scheme == "two_stage" else {0})
+    assert sum(r["kind"] == "eval" for r in records) >= 2  # after every epoch
+    assert (tmp_path / "runs" / "LATEST").read_text().strip() == "r"
+    assert run.has_model() and (run.path / "tokenizer").is_dir()
+    params = run.load_params()
+    assert set(params) == {"backbone", "ramps"}
+    if task == "sst2" and scheme == "joint":  # the cue words are learnable: the last ramp must learn them
+        assert split[-1]["accuracy"] >= 0.8, split
+
+
+def test_existing_run_directory_is_not_overwritten(tiny_setup, tmp_path):
+    finetune(_cfg(tiny_setup, tmp_path, run_name="r", max_steps=1, scheme="joint"), progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        finetune(_cfg(tiny_setup, tmp_path, run_name="r", max_steps=1, scheme="joint"), progress=False)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from jaxexit.train_config import TrainConfig
+from jaxexit import trainer
+cfg = TrainConfig.from_dict({cfg!r})
+def kill(run, stage, step):
+    if stage == 1 and step == {kill_at}:
+        run.wait()  # the checkpoint of step {saved} is committed
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.finetune(cfg, progress=False, on_step=kill)
+"""
+
+
+def test_killed_run_resumes_to_the_same_parameters(tiny_setup, tmp_path):
+    """Kill a run mid-epoch (SIGKILL, after step 5, last checkpoint at step 3); resume it; compare
+    with an uninterrupted run of the same seed."""
+    cfg = _cfg(tiny_setup, tmp_path, run_name="killed", epochs=1.0)  # 25 steps an epoch, stage 1 and 2
+    script = KILL_SCRIPT.format(tests=str(REPO / "tests"), cfg=cfg.to_dict(), kill_at=5, saved=3)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    killed = RunDir(tmp_path / "runs" / "killed")
+    assert not killed.has_model() and killed.latest_meta()["step"] == 3
+    resumed = finetune(cfg, resume=str(killed.path), progress=False)
+    straight = finetune(cfg.replace(run_name="straight"), progress=False)
+    a, b = _leaves(resumed.load_params()), _leaves(straight.load_params())
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    steps_logged = [r["step"] for r in resumed.records() if r["kind"] == "train" and r["stage"] == 1]
+    assert steps_logged == sorted(set(steps_logged))  # records past the checkpoint were dropped, not duplicated
+
+
+DEVICES_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import jax
+from jaxexit.train_config import TrainConfig
+from jaxexit import trainer
+run = trainer.finetune(TrainConfig.from_dict({cfg!r}), progress=False)
+losses = [r["loss"] for r in run.records() if r["kind"] == "train"]
+print(json.dumps({{"devices": jax.device_count(), "losses": losses}}))
+"""
+
+
+def test_four_host_devices_give_the_same_loss_as_one(tiny_setup, tmp_path):
+    results = {}
+    for devices in (1, 4):
+        cfg = _cfg(tiny_setup, tmp_path, run_name=f"d{devices}", scheme="joint", max_steps=6)
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        script = DEVICES_SCRIPT.format(tests=str(REPO / "tests"), cfg=cfg.to_dict())
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results[4]["devices"] == 4 and results[1]["devices"] == 1
+    np.testing.assert_allclose(results[4]["losses"], results[1]["losses"], rtol=2e-5, atol=1e-6)
+
+
+# ---- a short real training run ------------------------------------------------------------------
+def test_minilm_short_real_training(tmp_path):
+    """A few dozen real steps on SST-2: the final ramp must beat chance on dev (MiniLM learns slowly
+    from its first token, hence the high learning rate)."""
+    cfg = TrainConfig(task="sst2", model=str(require(MINILM)), data_dir=str(require(GLUE / "SST-2")),
+                      scheme="two_stage", max_steps=40, batch_size=16, lr=2e-4, epochs=1.0, stage2_epochs=1.0,
+                      max_train_examples=2000, max_eval_examples=200, eval_batch_size=100,
+                      output_dir=str(tmp_path / "runs"), run_name="minilm", log_every=10)
+    run = finetune(cfg, progress=False)
+    summary = json.loads((run.path / "summary.json").read_text())
+    per_layer = summary["per_layer"]["validation"]
+    assert len(per_layer) == 6
+    # Chance is about 0.5; PyTorch's BertForSequenceClassification reaches 0.74 on the same 40 steps.
+    assert per_layer[-1]["accuracy"] > 0.65, per_layer
+    stage1_losses = [r["loss"] for r in run.records() if r["kind"] == "train" and r["stage"] == 1]
+    assert stage1_losses[-1] < stage1_losses[0]
