@@ -28,6 +28,16 @@ def _whole(cfg: EncoderConfig, params, batch, output_hidden_states: bool = False
     )
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _final(cfg: EncoderConfig, params, batch):
+    """The dense model without exits: every layer, then ramp L only (the speed baseline)."""
+    module = modeling.MultiExitEncoder(cfg)
+    hidden = module.apply({"params": {"backbone": params["backbone"]}}, batch["input_ids"], batch["token_type_ids"],
+                          batch["attention_mask"], method="encode")
+    last = cfg.num_hidden_layers - 1
+    return modeling.Ramp(cfg).apply({"params": modeling.ramp_params(cfg, params, last)}, hidden[-1][:, 0])
+
+
 def init_ramps(cfg: EncoderConfig, rng: jax.Array, pooler: dict | None = None) -> dict:
     """Fresh ramps (classifier N(0, initializer_range), zero bias, like BERT's init).
 
@@ -102,6 +112,21 @@ class EarlyExitModel:
         return cls(config, {"backbone": backbone, "ramps": ramps}, tokenizer, source=str(name_or_path))
 
     @classmethod
+    def from_run(cls, run_dir: str | os.PathLike) -> "EarlyExitModel":
+        """A fine-tuned model from a `train/finetune.py` run directory (its final parameters)."""
+        from jaxexit.checkpoint import RunDir
+
+        run = RunDir(run_dir)
+        if not run.path.is_dir():
+            raise FileNotFoundError(f"checkpoint {run.path} does not exist")
+        config = run.encoder_config()
+        abstract = jax.eval_shape(lambda: modeling.MultiExitEncoder(config).init(
+            jax.random.PRNGKey(0), *_dummy_batch())["params"])
+        params = run.load_params(abstract)
+        tokenizer = Tokenizer.from_pretrained(run.path / "tokenizer", max_length=run.train_config()["max_length"])
+        return cls(config, params, tokenizer, source=str(run.path))
+
+    @classmethod
     def from_config(cls, config: EncoderConfig, seed: int = 0, tokenizer: Tokenizer | None = None):
         """A randomly initialised model (tests, tiny end-to-end runs)."""
         params = modeling.MultiExitEncoder(config).init(jax.random.PRNGKey(seed), *_dummy_batch())["params"]
@@ -126,6 +151,10 @@ class EarlyExitModel:
         """Every ramp's logits `[L, B, C]` (ramp L is the model's final classifier)."""
         logits, _ = _whole(self.config, self.params, self._check(batch))
         return np.asarray(logits)
+
+    def final_logits(self, batch: dict) -> np.ndarray:
+        """Ramp L's logits `[B, C]` from the dense model compiled as one function (no exits)."""
+        return np.asarray(_final(self.config, self.params, self._check(batch)))
 
     def layer_params(self, layer: int) -> dict:
         return modeling.layer_params(self.config, self.params, layer)

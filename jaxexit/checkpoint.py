@@ -142,6 +142,15 @@ class RunDir:
         if self.writer:
             write_json(self.path / "summary.json", summary)
 
+    def export_results(self, results_dir: str | os.PathLike) -> Path:
+        """Copy the small, human-readable outputs of a finished run (no parameters) elsewhere."""
+        target = Path(results_dir) / self.path.name
+        if self.writer:
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("summary.json", "layers.csv", "metrics.jsonl", "train_config.json"):
+                shutil.copyfile(self.path / name, target / name)
+        return target
+
     def has_model(self) -> bool:
         return (self.path / "model").is_dir() and (self.path / "summary.json").is_file()
 

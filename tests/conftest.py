@@ -33,3 +33,17 @@ def minilm():
     from jaxexit import EarlyExitModel
 
     return EarlyExitModel.from_pretrained(require(MINILM), num_labels=2)
+
+
+@pytest.fixture(scope="session")
+def trained_minilm_run(tmp_path_factory):
+    """MiniLM fine-tuned briefly on SST-2 (two stages, 40 steps each): a real checkpoint for
+    training and inference tests."""
+    from jaxexit.train_config import TrainConfig
+    from jaxexit.trainer import finetune
+
+    cfg = TrainConfig(task="sst2", model=str(require(MINILM)), data_dir=str(require(GLUE / "SST-2")),
+                      scheme="two_stage", max_steps=40, batch_size=16, lr=2e-4, epochs=1.0,
+                      max_train_examples=2000, max_eval_examples=200, eval_batch_size=100,
+                      output_dir=str(tmp_path_factory.mktemp("runs")), run_name="minilm", log_every=10)
+    return finetune(cfg, progress=False)

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import tiny
-from conftest import GLUE, MINILM, REPO, require
+from conftest import REPO
 from jaxexit import EarlyExitModel, EncoderConfig, optim, steps
 from jaxexit.checkpoint import RunDir
 from jaxexit.train_config import TrainConfig
@@ -254,14 +254,10 @@ def test_four_host_devices_give_the_same_loss_as_one(tiny_setup, tmp_path):
 
 
 # ---- a short real training run ------------------------------------------------------------------
-def test_minilm_short_real_training(tmp_path):
+def test_minilm_short_real_training(trained_minilm_run):
     """A few dozen real steps on SST-2: the final ramp must beat chance on dev (MiniLM learns slowly
-    from its first token, hence the high learning rate)."""
-    cfg = TrainConfig(task="sst2", model=str(require(MINILM)), data_dir=str(require(GLUE / "SST-2")),
-                      scheme="two_stage", max_steps=40, batch_size=16, lr=2e-4, epochs=1.0, stage2_epochs=1.0,
-                      max_train_examples=2000, max_eval_examples=200, eval_batch_size=100,
-                      output_dir=str(tmp_path / "runs"), run_name="minilm", log_every=10)
-    run = finetune(cfg, progress=False)
+    from its first token, hence the high learning rate of the fixture)."""
+    run = trained_minilm_run
     summary = json.loads((run.path / "summary.json").read_text())
     per_layer = summary["per_layer"]["validation"]
     assert len(per_layer) == 6

@@ -22,6 +22,8 @@ def main(argv=None):
     train_config.add_arguments(parser)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run ('latest': the newest)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--results-dir", metavar="DIR",
+                        help="also copy summary.json, layers.csv and metrics.jsonl to DIR/<run name>/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     try:
@@ -30,6 +32,8 @@ def main(argv=None):
         parser.error(str(e))
     run = finetune(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"run directory: {run.path}")
+    if args.results_dir:
+        print(f"results copied to {run.export_results(args.results_dir)}")
 
 
 if __name__ == "__main__":

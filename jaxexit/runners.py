@@ -1,0 +1,238 @@
+"""Early-exit inference runners. All four give the same exits for the same policy:
+
+* `run_latency`  (the papers' setting) one input at a time: the jitted embedding step, then the
+  jitted layer+ramp step (compiled once for every layer); the host reads ramp i's logits and
+  decides before dispatching layer i+1.
+* `run_batched`  many inputs: rows that exit leave the batch, the rest continue in a smaller
+  bucketed batch (row counts are powers of two, so at most log2(B) extra shapes compile).
+* `run_on_device` the whole exit loop in one jitted `lax.while_loop` over stacked layer
+  parameters, the per-row exit state in the carry; the loop stops once every row has exited.
+* `cached_logits` + `jaxexit.offline` one pass keeping every ramp's logits, then any policy.
+
+Each returns `Exits(exit_layer [N] 1-based, prediction [N], logits [N, C] of the exit ramp)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxexit import modeling, policies
+from jaxexit.api import EarlyExitModel
+from jaxexit.batches import EncodedSplit
+from jaxexit.policies import Policy
+
+MODES = ("latency", "batched", "device", "offline")
+
+
+@dataclasses.dataclass
+class Exits:
+    exit_layer: np.ndarray  # [N] int, 1..L
+    prediction: np.ndarray  # [N]
+    logits: np.ndarray  # [N, C], the exit ramp's
+    seconds: float = 0.0  # wall time of the model work (compilation excluded by a warm-up)
+
+
+def _inputs(model: EarlyExitModel, split: EncodedSplit, rows) -> dict:
+    return model.tokenizer.pad([split.rows[i] for i in rows], [split.types[i] for i in rows])
+
+
+def _check(policy: Policy, model: EarlyExitModel) -> None:
+    if (policy.num_layers, policy.num_labels) != (model.num_layers, model.config.num_labels):
+        raise ValueError(f"{policy} is set for L={policy.num_layers}, C={policy.num_labels}; the model has "
+                         f"L={model.num_layers}, C={model.config.num_labels}")
+
+
+# ---- latency: batch 1, host decisions -----------------------------------------------------------
+def exit_one(model: EarlyExitModel, policy: Policy, batch: dict) -> tuple[int, np.ndarray]:
+    """One input (`batch` of one row): returns (exit layer, that ramp's logits [C])."""
+    hidden, bias = model.embed_step(model.params, batch)
+    state = policies.init_state(policy, 1)
+    for layer in range(1, model.num_layers + 1):
+        hidden, z = model.layer_step(model.layer_params(layer - 1), model.ramp_params(layer - 1), hidden, bias)
+        z = np.asarray(z)  # the host waits for ramp `layer` and decides before the next dispatch
+        state, exits = policies.step(policy, state, z, layer)
+        if exits[0]:
+            return layer, z[0]
+    return model.num_layers, z[0]
+
+
+def run_latency(model: EarlyExitModel, policy: Policy, split: EncodedSplit, warmup: int = 2) -> Exits:
+    _check(policy, model)
+    batches = [_inputs(model, split, [i]) for i in range(len(split))]
+    _warm(lambda b: exit_one(model, policies.make_policy("static", model.num_layers, model.config.num_labels,
+                                                       k=model.num_layers), b), batches, warmup)
+    layers, logits = np.zeros(len(split), np.int64), np.zeros((len(split), model.config.num_labels), np.float32)
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        layers[i], logits[i] = exit_one(model, policy, batch)
+    return _exits(layers, logits, time.perf_counter() - start)
+
+
+def run_full_latency(model: EarlyExitModel, split: EncodedSplit, warmup: int = 2) -> tuple[np.ndarray, float]:
+    """The dense model (one compiled function, ramp L only), one input at a time: (logits, seconds)."""
+    batches = [_inputs(model, split, [i]) for i in range(len(split))]
+    _warm(model.final_logits, batches, warmup)
+    start = time.perf_counter()
+    logits = np.concatenate([model.final_logits(b) for b in batches])
+    return logits, time.perf_counter() - start
+
+
+def _warm(fn, batches: list[dict], warmup: int) -> None:
+    """Compile every shape the timed loop will meet (and run each a few times)."""
+    seen = {}
+    for b in batches:
+        seen.setdefault(b["input_ids"].shape, b)
+    for b in seen.values():
+        for _ in range(warmup):
+            fn(b)
+
+
+def _exits(layers, logits, seconds) -> Exits:
+    return Exits(layers, policies.prediction(logits), logits, seconds)
+
+
+# ---- batched: exited rows leave the batch ---------------------------------------------------------
+def _row_bucket(n: int, cap: int) -> int:
+    return min(cap, 1 << max(n - 1, 0).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _gather(tree, index, _size):
+    return jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=0), tree)
+
+
+def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `real` rows of `batch`: (exit layers [real], exit logits [real, C])."""
+    size = batch["input_ids"].shape[0]
+    hidden, bias = model.embed_step(model.params, batch)
+    state = policies.init_state(policy, size)
+    rows = np.arange(size)  # which original row each position of the current batch holds
+    layers = np.zeros(size, np.int64)
+    logits = np.zeros((size, model.config.num_labels), np.float32)
+    for layer in range(1, model.num_layers + 1):
+        hidden, z = model.layer_step(model.layer_params(layer - 1), model.ramp_params(layer - 1), hidden, bias)
+        z = np.asarray(z)
+        state, exits = policies.step(policy, state, z, layer)
+        if layer == model.num_layers:
+            exits = np.ones_like(exits)
+        fresh = exits & (layers[rows] == 0)
+        layers[rows[fresh]], logits[rows[fresh]] = layer, z[fresh]
+        keep = np.flatnonzero(~exits & (rows < real))
+        if keep.size == 0:
+            break
+        bucket = _row_bucket(keep.size, size)
+        keep = np.concatenate([keep, np.full(bucket - keep.size, keep[0])])  # filler repeats a live row
+        if bucket != len(rows) or not np.array_equal(keep, np.arange(len(rows))):
+            hidden, bias = _gather((hidden, bias), jnp.asarray(keep), bucket)
+            state = policies.take_rows(state, keep)
+            rows = rows[keep]
+    return layers[:real], logits[:real]
+
+
+def run_batched(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batch_size: int = 64,
+                warmup: int = 1) -> Exits:
+    _check(policy, model)
+    chunks = _chunks(model, split, batch_size)
+    full = policies.make_policy("static", model.num_layers, model.config.num_labels, k=model.num_layers)
+    for n in {1 << j for j in range(batch_size.bit_length() + 1)}:  # compile every row bucket
+        for _, b in chunks[:1]:
+            sub = {k: v[: min(n, batch_size)] for k, v in b.items()}
+            for _ in range(warmup):
+                exit_batch(model, full, sub, sub["input_ids"].shape[0])
+    layers, logits = np.zeros(len(split), np.int64), np.zeros((len(split), model.config.num_labels), np.float32)
+    start = time.perf_counter()
+    for rows, batch in chunks:
+        layers[rows], logits[rows] = exit_batch(model, policy, batch, len(rows))
+    return _exits(layers, logits, time.perf_counter() - start)
+
+
+def run_full_batched(model: EarlyExitModel, split: EncodedSplit, batch_size: int = 64, warmup: int = 1):
+    """The dense model at the same batch size: (logits [N, C], seconds)."""
+    chunks = _chunks(model, split, batch_size)
+    _warm(model.final_logits, [b for _, b in chunks], warmup)
+    out = np.zeros((len(split), model.config.num_labels), np.float32)
+    start = time.perf_counter()
+    for rows, batch in chunks:
+        out[rows] = model.final_logits(batch)[: len(rows)]
+    return out, time.perf_counter() - start
+
+
+def _chunks(model, split, batch_size):
+    """Fixed-size batches in the split's order, the last one filled up by repeating its first row."""
+    out = []
+    for start in range(0, len(split), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(split)))
+        filled = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+        out.append((rows, _inputs(model, split, filled)))
+    return out
+
+
+# ---- on device: one lax.while_loop -------------------------------------------------------------------
+def stacked_layers(model: EarlyExitModel):
+    """Layer and ramp parameters stacked on a leading L axis (ALBERT's shared layer repeated)."""
+    L = model.num_layers
+    stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
+    return stack([model.layer_params(i) for i in range(L)]), stack([model.ramp_params(i) for i in range(L)])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def device_exits(cfg, params, layers, ramps, batch, policy: Policy):
+    """Exit loop on the device: returns (exit_layer [B], exit logits [B, C])."""
+    hidden, bias = modeling.embed(cfg, params, batch)
+    size = hidden.shape[0]
+    L = cfg.num_hidden_layers
+
+    def body(carry):
+        layer, hidden, state, exit_layer, chosen = carry
+        lp = jax.tree_util.tree_map(lambda x: x[layer], layers)
+        rp = jax.tree_util.tree_map(lambda x: x[layer], ramps)
+        hidden, z = modeling.layer_ramp_step(cfg, lp, rp, hidden, bias)
+        state, exits = policies.step(policy, state, z, layer + 1, jnp)
+        exits = exits | (layer + 1 == L)
+        fresh = exits & (exit_layer == 0)
+        exit_layer = jnp.where(fresh, layer + 1, exit_layer)
+        chosen = jnp.where(fresh[:, None], z, chosen)
+        return layer + 1, hidden, state, exit_layer, chosen
+
+    def cond(carry):
+        layer, _, _, exit_layer, _ = carry
+        return (layer < L) & jnp.any(exit_layer == 0)
+
+    init = (jnp.int32(0), hidden, policies.init_state(policy, size, jnp), jnp.zeros(size, jnp.int32),
+            jnp.zeros((size, cfg.num_labels), jnp.float32))
+    _, _, _, exit_layer, chosen = lax.while_loop(cond, body, init)
+    return exit_layer, chosen
+
+
+def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batch_size: int = 1,
+                  warmup: int = 1) -> Exits:
+    _check(policy, model)
+    layers_p, ramps_p = stacked_layers(model)
+    chunks = _chunks(model, split, batch_size)
+    run = lambda b: device_exits(model.config, model.params, layers_p, ramps_p, b, policy)  # noqa: E731
+    _warm(lambda b: jax.block_until_ready(run(b)), [b for _, b in chunks], warmup)
+    layers, logits = np.zeros(len(split), np.int64), np.zeros((len(split), model.config.num_labels), np.float32)
+    start = time.perf_counter()
+    for rows, batch in chunks:
+        exit_layer, chosen = run(batch)
+        layers[rows], logits[rows] = np.asarray(exit_layer)[: len(rows)], np.asarray(chosen)[: len(rows)]
+    return _exits(layers, logits, time.perf_counter() - start)
+
+
+# ---- offline: every ramp's logits, once -----------------------------------------------------------
+def cached_logits(model: EarlyExitModel, split: EncodedSplit, batch_size: int = 64) -> np.ndarray:
+    """Every ramp's logits `[L, N, C]` through the same jitted layer step the live runners use."""
+    out = np.zeros((model.num_layers, len(split), model.config.num_labels), np.float32)
+    for rows, batch in _chunks(model, split, batch_size):
+        hidden, bias = model.embed_step(model.params, batch)
+        for layer in range(model.num_layers):
+            hidden, z = model.layer_step(model.layer_params(layer), model.ramp_params(layer), hidden, bias)
+            out[layer, rows] = np.asarray(z)[: len(rows)]
+    return out

@@ -1,0 +1,98 @@
+"""Inference runners on a real fine-tuned MiniLM: all modes agree with each other and with the
+offline simulation; threshold 0 reproduces the full model; one compiled layer step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import GLUE
+from jaxexit import EarlyExitModel, batches, glue, offline, policies, runners
+
+
+
+def settings(cached):
+    """Thresholds at quantiles of the checkpoint's own confidences (so that exits really spread over
+    layers), nudged half-way between neighbouring values so that no input sits on a threshold."""
+    def between(values, q):
+        v = np.unique(values.ravel())
+        i = min(int(q * len(v)), len(v) - 2)
+        return float((v[i] + v[i + 1]) / 2)
+
+    ent = policies.entropy(cached)
+    norm = policies.normalized_entropy(cached)
+    top = policies.max_prob(cached)
+    return [
+        ("entropy", dict(S=between(ent, 0.3))), ("entropy", dict(S=between(ent, 0.7))),
+        ("pcee", dict(patience=1, tau=between(norm, 0.4))), ("pcee", dict(patience=2, tau=between(norm, 0.8))),
+        ("maxprob", dict(t=between(top, 0.5))), ("maxprob", dict(t=between(top, 0.9))),
+        ("pabee", dict(patience=1)), ("pabee", dict(patience=3)),
+        ("static", dict(k=2)), ("static", dict(k=5)),
+    ]
+
+FULL = [("entropy", dict(S=0.0)), ("pcee", dict(patience=2, tau=0.0)), ("maxprob", dict(t=1.0)),
+        ("pabee", dict(patience=6)), ("static", dict(k=6))]
+
+
+@pytest.fixture(scope="module")
+def setup(trained_minilm_run):
+    model = EarlyExitModel.from_run(trained_minilm_run.path)
+    task = glue.get_task("sst2")
+    examples = glue.load_examples(task, "dev", GLUE / "SST-2")[:48]
+    split = batches.encode_examples(model.tokenizer, task, examples)
+    return model, split, runners.cached_logits(model, split, batch_size=16)
+
+
+def _policy(model, name, params):
+    return policies.make_policy(name, model.num_layers, model.config.num_labels, **params)
+
+
+def test_checkpoint_round_trip(trained_minilm_run, setup):
+    model, split, cached = setup
+    assert model.config.num_labels == 2 and model.config.ramp_pooler == "per_ramp"
+    whole = model.ramp_logits(model.tokenizer.pad(split.rows[:8], split.types[:8]))
+    np.testing.assert_allclose(whole, cached[:, :8], atol=1e-5)
+    assert not np.allclose(cached[0], cached[-1])  # the ramps differ
+
+
+@pytest.mark.parametrize("name,params", FULL)
+def test_zero_threshold_reproduces_the_full_model(setup, name, params):
+    model, split, _ = setup
+    full = model.final_logits(model.tokenizer.pad(split.rows, split.types)).argmax(-1)
+    policy = _policy(model, name, params)
+    for result in (runners.run_latency(model, policy, split, warmup=1),
+                   runners.run_batched(model, policy, split, batch_size=16, warmup=1)):
+        assert (result.exit_layer == model.num_layers).all()
+        np.testing.assert_array_equal(result.prediction, full)
+
+
+def test_every_mode_equals_the_offline_simulation(setup):
+    model, split, cached = setup
+    spread = set()
+    for name, params in settings(cached):
+        policy = _policy(model, name, params)
+        want = offline.evaluate(policy, cached)
+        spread |= set(want.exit_layer.tolist())
+        for mode, result in [
+            ("latency", runners.run_latency(model, policy, split, warmup=0)),
+            ("batched", runners.run_batched(model, policy, split, batch_size=16, warmup=0)),
+            ("device-1", runners.run_on_device(model, policy, split, batch_size=1, warmup=0)),
+            ("device-16", runners.run_on_device(model, policy, split, batch_size=16, warmup=0)),
+        ]:
+            np.testing.assert_array_equal(result.exit_layer, want.exit_layer, err_msg=f"{mode} {policy}")
+            np.testing.assert_array_equal(result.prediction, want.prediction, err_msg=f"{mode} {policy}")
+    assert len(spread) >= 4  # the settings really exit at different layers
+
+
+def test_latency_runner_compiles_its_layer_step_once(setup):
+    model, split, _ = setup
+    fresh = EarlyExitModel(model.config, model.params, model.tokenizer)
+    lengths = {fresh.tokenizer.bucket_length(len(r)) for r in split.rows}
+    runners.run_latency(fresh, _policy(fresh, "pcee", dict(patience=2, tau=0.5)), split, warmup=0)
+    assert fresh.layer_step._cache_size() == len(lengths)  # once per input length bucket, not per layer
+    one_bucket = [i for i, r in enumerate(split.rows) if fresh.tokenizer.bucket_length(len(r)) == min(lengths)]
+    again = EarlyExitModel(model.config, model.params, model.tokenizer)
+    sub = batches.EncodedSplit([split.rows[i] for i in one_bucket], [split.types[i] for i in one_bucket],
+                               split.labels[one_bucket], split.idx[one_bucket])
+    runners.run_latency(again, _policy(again, "static", dict(k=6)), sub, warmup=0)
+    assert again.layer_step._cache_size() == 1
