@@ -1,0 +1,57 @@
+"""Early-exit inference with a fine-tuned checkpoint.
+
+    python infer/run.py --patience 2 --tau 0.2                 # PCEE on dev of the latest run
+    python infer/run.py --policy entropy --S 0.3 --mode batched --batch-size 64
+    python infer/run.py --sweep                                 # every policy over a grid (offline)
+    python infer/run.py --policy pcee --patience 2 --target-saving 0.4
+    echo "a gripping film" | python infer/run.py --patience 2 --tau 0.2 --text -
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
+
+from jaxexit import policies, runners  # noqa: E402
+from jaxexit.inference import main_cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a train/finetune.py run directory (default: the latest run in --runs-dir)")
+    p.add_argument("--runs-dir", default="runs", help="where train/finetune.py wrote its runs (default: runs)")
+    p.add_argument("--policy", choices=policies.POLICIES, help="default: pcee when only --patience/--tau are given")
+    p.add_argument("--patience", type=int, help="pcee, pabee")
+    p.add_argument("--tau", type=float, help="pcee: normalised-entropy threshold in [0, 1]")
+    p.add_argument("--S", "--entropy", dest="S", type=float, help="entropy: threshold in nats (DeeBERT)")
+    p.add_argument("--t", "--max-prob", dest="t", type=float, help="maxprob: threshold in [0, 1]")
+    p.add_argument("--delta", type=float, help="pabee on regression: agreement tolerance")
+    p.add_argument("--k", type=int, help="static: exit layer")
+    p.add_argument("--split", default="dev", help="dev | test (MNLI: dev_matched, dev_mismatched, ...)")
+    p.add_argument("--data-dir", help="GLUE TSV directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N inputs")
+    p.add_argument("--mode", choices=runners.MODES, default="latency")
+    p.add_argument("--batch-size", type=int, default=None, help="batched/device/offline (default 64; device 1)")
+    p.add_argument("--text", nargs="+", help="classify these texts ('-' reads lines from stdin; pairs: tab-separated)")
+    p.add_argument("--output", help="write predictions: the GLUE submission TSV, and *.exits.tsv with exit layers")
+    p.add_argument("--json", help="where to write the result JSON (default: <checkpoint>/infer/...)")
+    p.add_argument("--sweep", action="store_true", help="offline: every policy over a grid -> CSV and PNG")
+    p.add_argument("--target-saving", type=float, help="calibrate the policy's threshold to this saving")
+    p.add_argument("--max-drop", type=float, help="calibrate: the largest saving within this score drop")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", force=True)
+    try:
+        return main_cli(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

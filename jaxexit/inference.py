@@ -1,0 +1,299 @@
+"""What `infer/run.py` does: load a run, pick inputs, run a policy in a mode, time it against the
+full model, and report (summary, JSON, predictions); or sweep and calibrate offline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from jaxexit import batches, glue, metrics, offline, policies, runners
+from jaxexit.api import EarlyExitModel
+from jaxexit.checkpoint import RunDir
+
+
+def resolve_run(checkpoint: str | None, output_dir: str = "runs") -> RunDir:
+    """`--checkpoint`, or the most recent run of train/finetune.py (runs/LATEST)."""
+    run = RunDir(checkpoint) if checkpoint else RunDir.latest(output_dir)
+    if not run.path.is_dir():
+        raise FileNotFoundError(f"checkpoint {run.path} does not exist")
+    if not (run.path / "train_config.json").is_file():
+        raise FileNotFoundError(f"{run.path} is not a train/finetune.py run directory (no train_config.json)")
+    return run
+
+
+def policy_from_args(name: str | None, params: dict, num_layers: int, num_labels: int) -> policies.Policy:
+    """`pcee` when only --patience/--tau are given; `pabee` for --patience alone (or with --delta)."""
+    given = {k: v for k, v in params.items() if v is not None}
+    if name is None:
+        if "tau" in given or ("patience" in given and num_labels > 1 and "delta" not in given and len(given) == 1):
+            name = "pcee" if "tau" in given else "pabee"
+        elif set(given) <= {"patience", "delta"} and given:
+            name = "pabee"
+        elif "S" in given:
+            name = "entropy"
+        elif "t" in given:
+            name = "maxprob"
+        elif "k" in given:
+            name = "static"
+        else:
+            raise ValueError("no exit policy: give --policy and its parameters (e.g. --patience 2 --tau 0.2)")
+        if name == "pcee" and "patience" not in given:
+            given["patience"] = 1
+    if name == "pabee" and num_labels > 1 and "patience" in given and "tau" in given:
+        raise ValueError("--tau belongs to pcee, not pabee")
+    return policies.make_policy(name, num_layers, num_labels, **given)
+
+
+def load_inputs(run: RunDir, model: EarlyExitModel, task: glue.Task, split: str, data_dir: str | None,
+                limit: int = 0) -> tuple[batches.EncodedSplit, list[glue.Example]]:
+    if data_dir is not None:
+        other = {t.tsv_dir.lower(): t for t in glue.TASKS.values() if t is not task}.get(Path(data_dir).name.lower())
+        if other is not None:
+            raise ValueError(f"the checkpoint {run.path} was trained on {task.tsv_dir}, but --data-dir {data_dir} "
+                             f"holds {other.tsv_dir}")
+    examples = glue.load_examples(task, split, data_dir)
+    if limit:
+        examples = examples[:limit]
+    if not examples:
+        raise ValueError(f"{task.tsv_dir} {split} has no examples")
+    return batches.encode_examples(model.tokenizer, task, examples), examples
+
+
+def text_inputs(model: EarlyExitModel, task: glue.Task, lines: list[str]) -> batches.EncodedSplit:
+    """Own sentences (pairs separated by a tab for pair tasks)."""
+    lines = [line for line in (x.rstrip("\n") for x in lines) if line.strip()]
+    if not lines:
+        raise ValueError("no input text: pass --text or lines on stdin")
+    examples = []
+    for i, line in enumerate(lines):
+        parts = line.split("\t")
+        if task.is_pair and len(parts) != 2:
+            raise ValueError(f"{task.tsv_dir} takes sentence pairs: line {i + 1} needs two tab-separated parts")
+        examples.append(glue.Example(i, parts[0], parts[1] if task.is_pair else None, None))
+    return batches.encode_examples(model.tokenizer, task, examples)
+
+
+def run_policy(model: EarlyExitModel, policy: policies.Policy, split: batches.EncodedSplit, mode: str,
+               batch_size: int) -> tuple[runners.Exits, float | None]:
+    """Early-exit results and the full model's time on the same inputs, batch size and mode."""
+    if mode == "latency":
+        return runners.run_latency(model, policy, split), runners.run_full_latency(model, split)[1]
+    if mode == "batched":
+        return (runners.run_batched(model, policy, split, batch_size),
+                runners.run_full_batched(model, split, batch_size)[1])
+    if mode == "device":
+        return (runners.run_on_device(model, policy, split, batch_size),
+                runners.run_full_batched(model, split, batch_size)[1])
+    if mode == "offline":
+        cached = runners.cached_logits(model, split, max(batch_size, 1))
+        ev = offline.evaluate(policy, cached)
+        chosen = cached[ev.exit_layer - 1, np.arange(len(split))]
+        return runners.Exits(ev.exit_layer, ev.prediction, chosen, math.nan), None
+    raise ValueError(f"unknown mode {mode!r}; choose one of {runners.MODES}")
+
+
+def report(task: glue.Task, policy: policies.Policy, exits: runners.Exits, full_seconds: float | None,
+           labels: np.ndarray | None, cached: np.ndarray | None, meta: dict) -> dict:
+    L = policy.num_layers
+    eff = offline.efficiency(exits.exit_layer, L)
+    out = {**meta, **policy.as_dict(), "num_layers": L, "n": int(len(exits.exit_layer)), **eff,
+           "exit_histogram": offline.exit_histogram(exits.exit_layer, L).tolist()}
+    if full_seconds is not None and not math.isnan(exits.seconds):
+        out.update(time_early_exit_s=round(exits.seconds, 4), time_full_model_s=round(full_seconds, 4),
+                   wall_saving=1.0 - exits.seconds / full_seconds)
+    if labels is not None:
+        out["metrics"] = metrics.task_metrics(task, exits.prediction, labels)
+        out["metric"] = metrics.primary_metric(task)
+        out["score"] = out["metrics"][out["metric"]]
+        if cached is not None:
+            out["per_layer"] = [metrics.task_metrics(task, policies.prediction(z), labels) for z in cached]
+    return out
+
+
+def format_summary(r: dict) -> str:
+    lines = [f"{r['task']} {r['split']} ({r['n']} inputs), {r['policy']} "
+             + ", ".join(f"{k}={r[k]}" for k in policies.param_names(r['policy'], r['num_labels'])) + f", {r['mode']} mode"]
+    if "metrics" in r:
+        lines.append("score:        " + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()))
+    lines.append(f"layers:       {r['avg_layers']:.2f} of {r['num_layers']} on average; saving {r['saving']:.3f}, "
+                 f"speedup {r['speedup']:.2f}x")
+    if "wall_saving" in r:
+        lines.append(f"time:         early exit {r['time_early_exit_s']:.3f} s, full model {r['time_full_model_s']:.3f} s "
+                     f"-> wall saving {r['wall_saving']:.3f} (saving {r['saving']:.3f})")
+    hist = r["exit_histogram"]
+    lines.append("exits/layer:  " + "  ".join(f"{i + 1}:{c}" for i, c in enumerate(hist)))
+    if "per_layer" in r:
+        name = r["metric"]
+        lines.append(f"ramp {name}: " + "  ".join(f"{i + 1}:{m[name]:.3f}" for i, m in enumerate(r["per_layer"])))
+    return "\n".join(lines)
+
+
+def write_predictions(path: str | os.PathLike, task: glue.Task, idx: np.ndarray, exits: runners.Exits) -> Path:
+    """The GLUE submission TSV (index, prediction) and, beside it, each input's exit layer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = task.label_names
+
+    def label(p):
+        if task.is_regression:
+            return f"{float(p):.3f}"
+        return names[int(p)] if task.name in ("mnli", "qnli", "rte") else str(int(p))
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["index", "prediction"])
+        w.writerows([int(i), label(p)] for i, p in zip(idx, exits.prediction))
+    exits_path = path.with_name(path.stem + ".exits.tsv")
+    with open(exits_path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["index", "prediction", "exit_layer"])
+        w.writerows([int(i), label(p), int(m)] for i, p, m in zip(idx, exits.prediction, exits.exit_layer))
+    return path
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
+
+
+# ---- offline sweep and calibration ------------------------------------------------------------
+def sweep(task: glue.Task, cached: np.ndarray, labels: np.ndarray, out_prefix: Path) -> tuple[Path, Path, list[dict]]:
+    """Every policy over its default grid: CSV of (policy, params, score, saving, ...) and a PNG."""
+    metric = lambda p, y: metrics.task_metrics(task, p, y)[metrics.primary_metric(task)]  # noqa: E731
+    rows = offline.sweep(cached, labels, metric)
+    csv_path = out_prefix.with_suffix(".csv")
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["policy", "params", "score", "avg_layers", "saving", "speedup", "exit_histogram"])
+        for r in rows:
+            w.writerow([r["policy"], json.dumps(r["params"], sort_keys=True), f"{r['score']:.5f}",
+                        f"{r['avg_layers']:.4f}", f"{r['saving']:.4f}", f"{r['speedup']:.4f}",
+                        " ".join(map(str, r["exit_histogram"]))])
+    png = out_prefix.with_suffix(".png")
+    plot_tradeoff(rows, metrics.primary_metric(task), f"{task.tsv_dir}: score vs saving", png)
+    return csv_path, png, rows
+
+
+def plot_tradeoff(rows: list[dict], metric_name: str, title: str, path: Path) -> None:
+    """Score against saving, one curve per policy (its Pareto front over the grid) plus all points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for name in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted(((r["saving"], r["score"]) for r in rows if r["policy"] == name), key=lambda p: (-p[0], -p[1]))
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, alpha=0.25)
+        front, best = [], -math.inf
+        for saving, score in pts:  # from the largest saving down: keep points that improve the score
+            if score > best:
+                front.append((saving, score))
+                best = score
+        ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", ms=3, label=name,
+                color=ax.collections[-1].get_facecolor()[0][:3])
+    ax.set_xlabel("saving = 1 - avg_layers / L")
+    ax.set_ylabel(metric_name)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def calibrate(task: glue.Task, name: str, cached: np.ndarray, labels: np.ndarray, *, target_saving=None,
+              max_drop=None) -> dict:
+    """Choose the policy's threshold on the first half of the split, report it on the second half."""
+    half = len(labels) // 2
+    metric = lambda p, y: metrics.task_metrics(task, p, y)[metrics.primary_metric(task)]  # noqa: E731
+    cal = offline.calibrate(name, cached[:, :half], labels[:half], metric, target_saving=target_saving,
+                            max_drop=max_drop, heldout=(cached[:, half:], labels[half:]))
+    return {"policy": cal.policy.as_dict(), "rule": cal.rule, "calibration_half": cal.calibration,
+            "heldout_half": cal.heldout, "halves": f"calibrated on inputs [0, {half}), reported on [{half}, {len(labels)})"}
+
+
+# ---- the command line (infer/run.py) -----------------------------------------------------------
+def main_cli(args) -> dict:
+    import sys
+
+    run = resolve_run(args.checkpoint, args.runs_dir)
+    train_cfg = run.train_config()
+    task = glue.get_task(train_cfg["task"])
+    model = EarlyExitModel.from_run(run.path)
+    L, C = model.num_layers, model.config.num_labels
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.target_saving is not None and not 0 <= args.target_saving < 1:
+        raise ValueError(f"--target-saving must be in [0, 1), got {args.target_saving}")
+    if args.max_drop is not None and args.max_drop < 0:
+        raise ValueError(f"--max-drop must be >= 0, got {args.max_drop}")
+    params = {"patience": args.patience, "tau": args.tau, "S": args.S, "t": args.t, "delta": args.delta, "k": args.k}
+    calibrating = args.target_saving is not None or args.max_drop is not None
+    out_dir = run.path / "infer"
+
+    if args.text:
+        lines = sys.stdin.read().splitlines() if args.text == ["-"] else args.text
+        split = text_inputs(model, task, lines)
+        policy = policy_from_args(args.policy, params, L, C)
+        exits, _ = run_policy(model, policy, split, "latency" if args.mode == "offline" else args.mode,
+                              args.batch_size or 1)
+        for line, m, p, z in zip([x for x in lines if x.strip()], exits.exit_layer, exits.prediction, exits.logits):
+            shown = f"{float(p):.3f}" if task.is_regression else task.label_names[int(p)]
+            conf = "" if task.is_regression else f"  p={float(policies.max_prob(z[None])[0]):.3f}"
+            print(f"{shown}\tlayer {int(m)}/{L}{conf}\t{line}")
+        return {"predictions": exits.prediction.tolist(), "exit_layer": exits.exit_layer.tolist()}
+
+    data_dir = args.data_dir or train_cfg.get("data_dir")
+    split_name = glue.canonical_split(task, args.split)
+    split, _ = load_inputs(run, model, task, split_name, data_dir, args.limit)
+    labels = None if np.isnan(split.labels.astype(float)).any() or (split.labels < 0).any() else split.labels
+    meta = {"task": task.name, "split": split_name, "checkpoint": str(run.path), "num_labels": C}
+
+    if args.sweep or calibrating:
+        if labels is None:
+            raise ValueError(f"{split_name} has no labels: sweeps and calibration need a labelled split (dev)")
+        cached = runners.cached_logits(model, split, args.batch_size or 64)
+        result = dict(meta)
+        if args.sweep:
+            csv_path, png, rows = sweep(task, cached, labels, out_dir / f"sweep-{split_name}")
+            result.update(sweep_csv=str(csv_path), sweep_png=str(png), settings=len(rows))
+            print(f"swept {len(rows)} settings of {len({r['policy'] for r in rows})} policies -> {csv_path}, {png}")
+        if calibrating:
+            name = args.policy or policy_from_args(None, params, L, C).name
+            cal = calibrate(task, name, cached, labels, target_saving=args.target_saving, max_drop=args.max_drop)
+            result["calibration"] = cal
+            print(f"calibrated {name} ({cal['rule']}): {cal['policy']}\n  {cal['halves']}\n"
+                  f"  calibration half: {_brief(cal['calibration_half'])}\n  held-out half:    {_brief(cal['heldout_half'])}")
+        path = write_json(args.json or out_dir / f"{'sweep' if args.sweep else 'calibration'}-{split_name}.json", result)
+        print(f"wrote {path}")
+        return result
+
+    policy = policy_from_args(args.policy, params, L, C)
+    batch_size = args.batch_size or (1 if args.mode in ("latency", "device") else 64)
+    exits, full_seconds = run_policy(model, policy, split, args.mode, batch_size)
+    cached = runners.cached_logits(model, split, 64) if labels is not None else None
+    result = report(task, policy, exits, full_seconds, labels, cached,
+                    {**meta, "mode": args.mode, "batch_size": batch_size})
+    print(format_summary(result))
+    tag = "-".join(f"{k}{v}" for k, v in policy.params)
+    path = write_json(args.json or out_dir / f"{policy.name}-{tag}-{split_name}-{args.mode}.json", result)
+    print(f"wrote {path}")
+    if args.output:
+        print(f"predictions: {write_predictions(args.output, task, split.idx, exits)}")
+    return result
+
+
+def _brief(row: dict | None) -> str:
+    if not row:
+        return "-"
+    keys = [k for k in ("score", "full_score", "drop", "saving", "avg_layers") if k in row]
+    return ", ".join(f"{k} {row[k]:.4f}" for k in keys)

@@ -1,0 +1,97 @@
+"""infer/run.py on a real fine-tuned MiniLM checkpoint: summary, JSON, sweep, calibration, errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from conftest import GLUE, REPO
+from jaxexit import inference, policies
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("infer_run", REPO / "infer" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pcee_by_default_with_timing_and_json(trained_minilm_run, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    result = _cli().main(["--checkpoint", str(trained_minilm_run.path), "--patience", "2", "--tau", "0.9",
+                          "--limit", "24", "--json", str(out), "--output", str(tmp_path / "pred.tsv")])
+    printed = capsys.readouterr().out
+    assert "pcee" in printed and "wall saving" in printed and "exits/layer" in printed
+    saved = json.loads(out.read_text())
+    assert saved["policy"] == "pcee" and saved["patience"] == 2 and saved["tau"] == 0.9
+    for key in ("score", "metrics", "avg_layers", "saving", "speedup", "time_early_exit_s", "time_full_model_s",
+                "wall_saving", "exit_histogram", "per_layer", "checkpoint", "split"):
+        assert key in saved, key
+    assert sum(saved["exit_histogram"]) == 24 and len(saved["per_layer"]) == 6
+    assert saved["saving"] == pytest.approx(1 - saved["avg_layers"] / 6)
+    assert result["n"] == 24
+    with open(tmp_path / "pred.tsv") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert rows[0] == ["index", "prediction"] and len(rows) == 25
+    with open(tmp_path / "pred.exits.tsv") as f:
+        exits = list(csv.reader(f, delimiter="\t"))
+    assert exits[0] == ["index", "prediction", "exit_layer"] and all(1 <= int(r[2]) <= 6 for r in exits[1:])
+
+
+def test_sweep_writes_csv_and_png(trained_minilm_run, tmp_path):
+    result = _cli().main(["--checkpoint", str(trained_minilm_run.path), "--sweep", "--limit", "64",
+                          "--json", str(tmp_path / "s.json")])
+    assert result["settings"] >= 500
+    with open(result["sweep_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["policy"] for r in rows} == set(policies.POLICIES)
+    png = open(result["sweep_png"], "rb").read(8)
+    assert png.startswith(b"\x89PNG")
+
+
+def test_calibration_reports_on_the_other_half(trained_minilm_run, tmp_path):
+    result = _cli().main(["--checkpoint", str(trained_minilm_run.path), "--policy", "maxprob",
+                          "--target-saving", "0.3", "--limit", "80", "--json", str(tmp_path / "c.json")])
+    cal = result["calibration"]
+    assert cal["calibration_half"]["saving"] >= 0.3 - 1e-9
+    assert "heldout_half" in cal and "[40, 80)" in cal["halves"]
+
+
+def test_own_text(trained_minilm_run, capsys):
+    _cli().main(["--checkpoint", str(trained_minilm_run.path), "--patience", "1", "--tau", "0.5",
+                 "--text", "a gripping , funny film", "dull and lifeless"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split("\t")[0] in ("positive", "negative") and "layer" in lines[0]
+
+
+def test_clear_errors(trained_minilm_run, tmp_path, capsys):
+    cli = _cli()
+    ckpt = str(trained_minilm_run.path)
+    for argv, message in [
+        (["--checkpoint", str(tmp_path / "none"), "--tau", "0.2"], "does not exist"),
+        (["--checkpoint", ckpt, "--tau", "1.5"], "tau must be in"),
+        (["--checkpoint", ckpt, "--policy", "static", "--k", "9"], "k must be in 1..6"),
+        (["--checkpoint", ckpt], "no exit policy"),
+        (["--checkpoint", ckpt, "--tau", "0.2", "--data-dir", str(GLUE / "MRPC")], "trained on SST-2"),
+        (["--checkpoint", ckpt, "--tau", "0.2", "--text", "   "], "no input text"),
+        (["--checkpoint", ckpt, "--sweep", "--split", "test"], "no labels"),
+        (["--runs-dir", str(tmp_path), "--tau", "0.2"], "run train/finetune.py first"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert message in capsys.readouterr().err, argv
+
+
+def test_policy_defaults_and_regression_refusal():
+    assert inference.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 2).name == "pcee"
+    assert inference.policy_from_args(None, {"tau": 0.2}, 6, 2)["patience"] == 1
+    assert inference.policy_from_args(None, {"patience": 2}, 6, 2).name == "pabee"
+    assert inference.policy_from_args(None, {"patience": 2, "delta": 0.1}, 6, 1).name == "pabee"
+    with pytest.raises(ValueError, match="regression"):
+        inference.policy_from_args("entropy", {"S": 0.1}, 6, 1)
+    with pytest.raises(ValueError, match="regression"):
+        inference.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 1)
