@@ -19,8 +19,27 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "si
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class DictConfig:
+    """`replace`, `to_dict` and a strict `from_dict` for the frozen config dataclasses."""
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Inverse of `to_dict`; unknown keys are an error (a file from another version)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(DictConfig):
     """Shape and numerics of a multi-exit encoder.
 
     Field names follow the Hugging Face config where one exists, so that a config
@@ -95,21 +114,6 @@ class EncoderConfig:
     @property
     def ramp_dropout(self) -> float:
         return self.hidden_dropout_prob if self.classifier_dropout is None else self.classifier_dropout
-
-    def replace(self, **changes: Any) -> "EncoderConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EncoderConfig":
-        """Inverse of `to_dict`; unknown keys are an error (a checkpoint from another version)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig fields: {unknown}")
-        return cls(**d)
 
     # ---- Hugging Face ---------------------------------------------------------------------
     @classmethod

@@ -6,13 +6,13 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any
 
+from jaxexit.config import DictConfig
 SCHEMES = ("two_stage", "joint")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictConfig):
     task: str = "sst2"  # GLUE task (sst2, mrpc, cola, stsb, qqp, mnli, qnli, rte)
     model: str = "bert-base-uncased"  # Hugging Face hub id or local checkpoint directory
     data_dir: str | None = None  # local GLUE TSV directory of the task; None: tensorflow-datasets
@@ -43,7 +43,7 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.scheme in SCHEMES, f"scheme must be one of {SCHEMES}, got {self.scheme!r}"),
-            (self.ramp_pooler in (None, "per_ramp", "shared"), f"ramp_pooler must be per_ramp or shared"),
+            (self.ramp_pooler in (None, "per_ramp", "shared"), "ramp_pooler must be per_ramp or shared"),
             (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
             (2 <= self.max_length <= 4096, f"max_length must be in [2, 4096], got {self.max_length}"),
             (self.lr > 0 and (self.stage2_lr is None or self.stage2_lr > 0), "learning rates must be > 0"),
@@ -73,19 +73,6 @@ class TrainConfig:
     def stage_epochs(self, stage: int) -> float:
         return self.stage2_epochs if stage == 2 and self.stage2_epochs is not None else self.epochs
 
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
-        return cls(**d)
 
 
 # One preset per task: the papers' recipe (bert-base-uncased, max length 128, lr 2e-5, batch 32;

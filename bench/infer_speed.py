@@ -1,0 +1,133 @@
+"""Early-exit inference speed on SST-2 dev with a fine-tuned checkpoint, this machine, one run:
+
+* latency mode (batch 1): the early-exit run at a setting with saving near --target (0.4) against
+  the full model on the same inputs -> wall_saving / saving;
+* batch-1 full-model latency against transformers' PyTorch BertModel on the same sentences and
+  the same (pretrained MiniLM) weights;
+* batched mode at --batch-size 64 near the same saving: throughput against the full model;
+* on-device mode (lax.while_loop) at batch 1;
+* the offline sweep: seconds for every policy's grid after the single model pass.
+
+    python bench/infer_speed.py [--checkpoint runs/<run>] [--target 0.4] [--limit 0]
+
+Writes results/infer_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import GLUE, MINILM, timed, write_result
+
+import numpy as np
+
+from jaxexit import EarlyExitModel, batches, glue, metrics, offline, runners
+from jaxexit.inference import resolve_run
+from jaxexit.policies import make_policy
+
+
+def closest_setting(cached, labels, target: float, name: str = "pcee"):
+    """The grid setting of `name` whose saving is nearest `target` (ties: higher score)."""
+    metric = lambda p, y: metrics.accuracy(p, y)  # noqa: E731
+    rows = offline.sweep(cached, labels, metric, grids={name: None})
+    best = min(rows, key=lambda r: (abs(r["saving"] - target), -r["score"]))
+    return best
+
+
+def torch_latency(sentences_batches, repeats: int = 1) -> float | None:
+    try:
+        import torch
+        from transformers import BertModel
+    except ImportError:
+        return None
+    model = BertModel.from_pretrained(str(MINILM)).eval()
+    inputs = [{k: torch.from_numpy(v).long() for k, v in b.items()} for b in sentences_batches]
+    with torch.inference_mode():
+        for b in inputs[:5]:
+            model(**b)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for b in inputs:
+                model(**b)
+    return (time.perf_counter() - start) / repeats
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="a fine-tuned SST-2 run (default: runs/LATEST)")
+    parser.add_argument("--target", type=float, default=0.4, help="saving to aim the setting at")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=0, help="first N dev inputs only (0: all 872)")
+    args = parser.parse_args()
+
+    run = resolve_run(args.checkpoint)
+    model = EarlyExitModel.from_run(run.path)
+    task = glue.get_task("sst2")
+    examples = glue.load_examples(task, "dev", GLUE / "SST-2")
+    examples = examples[: args.limit] if args.limit else examples
+    split = batches.encode_examples(model.tokenizer, task, examples)
+    labels = split.labels
+
+    start = time.perf_counter()
+    cached = runners.cached_logits(model, split, args.batch_size)
+    pass_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    rows = offline.sweep(cached, labels, metrics.accuracy)
+    sweep_seconds = time.perf_counter() - start
+
+    best = closest_setting(cached, labels, args.target)
+    policy = make_policy(best["policy"], model.num_layers, 2, **best["params"])
+
+    latency = runners.run_latency(model, policy, split)
+    _, full_latency = runners.run_full_latency(model, split)
+    batched = runners.run_batched(model, policy, split, args.batch_size)
+    _, full_batched = runners.run_full_batched(model, split, args.batch_size)
+    device = runners.run_on_device(model, policy, split, 1)
+    saving = offline.efficiency(latency.exit_layer, model.num_layers)["saving"]
+    wall_saving = 1 - latency.seconds / full_latency
+
+    # Batch-1 full model against PyTorch, same sentences, same pretrained weights.
+    pretrained = EarlyExitModel.from_pretrained(MINILM, num_labels=2)
+    singles = [model.tokenizer.pad([split.rows[i]], [split.types[i]]) for i in range(len(split))]
+    jax_full = timed(lambda: [pretrained.final_logits(b) for b in singles], repeats=1, warmup=1)
+    torch_full = torch_latency(singles)
+
+    n = len(split)
+    figures = {
+        "checkpoint": str(run.path), "n": n, "num_layers": model.num_layers, "policy": policy.as_dict(),
+        "score": float(metrics.accuracy(latency.prediction, labels)),
+        "full_score": float(metrics.accuracy(cached[-1].argmax(-1), labels)),
+        "saving": saving, "avg_layers": float(latency.exit_layer.mean()),
+        "latency": {"early_exit_s": latency.seconds, "full_model_s": full_latency, "wall_saving": wall_saving,
+                    "wall_saving_over_saving": wall_saving / saving if saving else None,
+                    "ms_per_input_early_exit": 1000 * latency.seconds / n, "ms_per_input_full": 1000 * full_latency / n},
+        "batch1_full_model_vs_torch": {"jax_s": jax_full, "torch_s": torch_full,
+                                        "ratio": jax_full / torch_full if torch_full else None},
+        "batched": {"batch_size": args.batch_size, "early_exit_s": batched.seconds, "full_model_s": full_batched,
+                    "throughput_ratio": full_batched / batched.seconds},
+        "device_batch1": {"early_exit_s": device.seconds, "wall_saving": 1 - device.seconds / full_latency},
+        "sweep": {"settings": len(rows), "seconds": sweep_seconds, "model_pass_seconds": pass_seconds},
+        "modes_agree": bool(np.array_equal(latency.exit_layer, batched.exit_layer)
+                            and np.array_equal(latency.exit_layer, device.exit_layer)),
+    }
+    f = figures
+    md = (f"SST-2 dev ({n} inputs), checkpoint `{run.path}`, {policy} (the pcee grid setting with saving "
+          f"nearest {args.target}): accuracy {f['score']:.4f} (full model {f['full_score']:.4f}), "
+          f"avg layers {f['avg_layers']:.2f} of {model.num_layers}, saving {saving:.3f}.\n\n"
+          f"| measure | value |\n|---|---|\n"
+          f"| latency mode: early exit / full model (s) | {latency.seconds:.2f} / {full_latency:.2f} |\n"
+          f"| latency mode: ms per input, early exit / full | {f['latency']['ms_per_input_early_exit']:.2f} / {f['latency']['ms_per_input_full']:.2f} |\n"
+          f"| **wall_saving / saving** (latency) | **{f['latency']['wall_saving_over_saving']:.3f}** (wall_saving {wall_saving:.3f}) |\n"
+          f"| on-device loop, batch 1: wall_saving | {f['device_batch1']['wall_saving']:.3f} |\n"
+          f"| batched (batch {args.batch_size}): full model / early exit time = **throughput ratio** | **{f['batched']['throughput_ratio']:.2f}x** |\n")
+    if torch_full:
+        md += f"| batch-1 full model, JAX / PyTorch BertModel time | **{f['batch1_full_model_vs_torch']['ratio']:.3f}** ({jax_full:.2f} s / {torch_full:.2f} s) |\n"
+    md += (f"| offline sweep: {len(rows)} settings after one pass | {sweep_seconds:.3f} s (the pass: {pass_seconds:.1f} s) |\n"
+           f"| latency, batched and on-device exits identical | {f['modes_agree']} |\n")
+    print(md)
+    print("wrote", write_result("infer_speed", figures, md))
+
+
+if __name__ == "__main__":
+    main()
