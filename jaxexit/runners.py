@@ -103,8 +103,8 @@ def _row_bucket(n: int, cap: int) -> int:
     return min(cap, 1 << max(n - 1, 0).bit_length())
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _gather(tree, index, _size):
+@jax.jit
+def _gather(tree, index):  # one compile per row bucket: the index's length is part of its shape
     return jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=0), tree)
 
 
@@ -130,7 +130,7 @@ def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int) ->
         bucket = _row_bucket(keep.size, size)
         keep = np.concatenate([keep, np.full(bucket - keep.size, keep[0])])  # filler repeats a live row
         if bucket != len(rows) or not np.array_equal(keep, np.arange(len(rows))):
-            hidden, bias = _gather((hidden, bias), jnp.asarray(keep), bucket)
+            hidden, bias = _gather((hidden, bias), jnp.asarray(keep))
             state = policies.take_rows(state, keep)
             rows = rows[keep]
     return layers[:real], logits[:real]
