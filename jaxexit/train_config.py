@@ -25,6 +25,8 @@ class TrainConfig(DictConfig):
     stage2_lr: float | None = None  # None: same as lr
     epochs: float = 3.0  # per stage (fractional epochs allowed)
     stage2_epochs: float | None = None  # None: same as epochs
+    stage1_from: str | None = None  # two_stage only: a finished run whose backbone and final ramp stage 2
+    #                                 starts from (stage 1 is skipped; ramps 1..L-1 start fresh)
     max_steps: int = 0  # > 0: stop each stage after this many steps (smoke tests, benchmarks)
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of a stage's steps, then linear decay
     weight_decay: float = 0.01  # AdamW decoupled decay; never on biases or LayerNorm
@@ -48,6 +50,7 @@ class TrainConfig(DictConfig):
             (2 <= self.max_length <= 4096, f"max_length must be in [2, 4096], got {self.max_length}"),
             (self.lr > 0 and (self.stage2_lr is None or self.stage2_lr > 0), "learning rates must be > 0"),
             (self.epochs > 0 and (self.stage2_epochs is None or self.stage2_epochs > 0), "epochs must be > 0"),
+            (self.stage1_from is None or self.scheme == "two_stage", "stage1_from needs scheme two_stage"),
             (self.max_steps >= 0, "max_steps must be >= 0"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0"),
@@ -65,7 +68,9 @@ class TrainConfig(DictConfig):
     @property
     def stages(self) -> tuple[int, ...]:
         """1 and 2 for DeeBERT's scheme; 0 stands for the single joint stage."""
-        return (1, 2) if self.scheme == "two_stage" else (0,)
+        if self.scheme == "joint":
+            return (0,)
+        return (2,) if self.stage1_from else (1, 2)
 
     def stage_lr(self, stage: int) -> float:
         return self.stage2_lr if stage == 2 and self.stage2_lr is not None else self.lr

@@ -79,6 +79,7 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer files; fine-tuning needs them")
     mcfg, tokenizer = model.config, model.tokenizer
+    start = _stage1_params(cfg, task, model) if cfg.stage1_from else model.params
 
     # Run directory: new, or the one being resumed (its saved config wins).
     if resume:
@@ -103,7 +104,7 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     log.info("%s: %d train examples, %d steps/epoch, stages %s, %d devices",
              task.tsv_dir, len(train_split), per_epoch, totals, mesh.devices.size)
 
-    params = parallel.replicate(model.params, mesh)
+    params = parallel.replicate(start, mesh)
     meta = run.latest_meta() if resume else None
     if resume and meta is None:
         log.warning("%s has no checkpoint yet: starting from the beginning", run.path)
@@ -176,8 +177,31 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
         "per_layer": final_scores, "wall_time_s": round(time.time() - started, 1),
         "command": " ".join(sys.argv), "devices": mesh.devices.size, "checkpoint_rule": "last step",
     }
+    if cfg.stage1_from:
+        summary["stage1_from"] = cfg.stage1_from
     run.save_model(params, summary)
     return run
+
+
+def _stage1_params(cfg: TrainConfig, task: glue.Task, fresh: EarlyExitModel) -> dict:
+    """Stage 2's starting point from a finished run: its backbone and ramp L, fresh ramps 1..L-1.
+
+    Ramps 1..L-1 come from `fresh` (the pretrained checkpoint with newly initialised ramps), so
+    re-running stage 2 with other settings starts where DeeBERT's stage 2 starts.
+    """
+    source = EarlyExitModel.from_run(cfg.stage1_from)
+    saved_task = RunDir(cfg.stage1_from).train_config().get("task")
+    mine, theirs = fresh.config, source.config
+    mismatch = [f"{name}: {getattr(theirs, name)} != {getattr(mine, name)}"
+                for name in ("num_hidden_layers", "hidden_size", "num_labels", "ramp_pooler", "vocab_size")
+                if getattr(theirs, name) != getattr(mine, name)]
+    if saved_task != task.name or mismatch:
+        raise ValueError(f"stage1_from {cfg.stage1_from} does not fit this run (task {saved_task} vs {task.name}"
+                         + (f"; {', '.join(mismatch)}" if mismatch else "") + ")")
+    ramps = dict(source.params["ramps"])
+    for i in range(mine.num_hidden_layers - 1):
+        ramps[str(i)] = fresh.params["ramps"][str(i)]
+    return {"backbone": source.params["backbone"], "ramps": ramps}
 
 
 def _evaluate(run, task, mcfg, tokenizer, devs, params, cfg, mesh, stage, step, global_step, epoch):

@@ -192,6 +192,29 @@ def test_existing_run_directory_is_not_overwritten(tiny_setup, tmp_path):
         finetune(_cfg(tiny_setup, tmp_path, run_name="r", max_steps=1, scheme="joint"), progress=False)
 
 
+def test_stage1_from_reruns_stage2_only_on_a_finished_run(tiny_setup, tmp_path):
+    """`stage1_from`: backbone and ramp L come from the finished run bit for bit, ramps 1..L-1
+    start fresh and train, and only stage 2 runs."""
+    first = finetune(_cfg(tiny_setup, tmp_path, run_name="first", max_steps=4), progress=False)
+    again = finetune(_cfg(tiny_setup, tmp_path, run_name="again", max_steps=4, stage2_lr=5e-2,
+                          stage1_from=str(first.path)), progress=False)
+    assert {r["stage"] for r in again.records() if r["kind"] == "train"} == {2}
+    a, b = _leaves(first.load_params()), _leaves(again.load_params())
+    fresh = _leaves(EarlyExitModel.from_pretrained(tiny_setup[0], seed=7).params)
+    for k in a:
+        if "'backbone'" in k or "'ramps']['2']" in k:
+            assert a[k].tobytes() == b[k].tobytes(), k
+        elif "classifier']['kernel" in k:  # retrained from a fresh start, not from the first run's ramps
+            assert not np.array_equal(a[k], b[k]) and not np.array_equal(fresh[k], b[k]), k
+    assert json.loads((again.path / "summary.json").read_text())["stage1_from"] == str(first.path)
+    with pytest.raises(ValueError, match="does not fit"):
+        finetune(_cfg(tiny_setup, tmp_path, run_name="other", task="stsb", max_steps=1, stage1_from=str(first.path)),
+                 progress=False)
+    assert not (tmp_path / "runs" / "other").exists()  # refused before a run directory was made
+    with pytest.raises(ValueError, match="two_stage"):
+        _cfg(tiny_setup, tmp_path, scheme="joint", stage1_from=str(first.path))
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})

@@ -1,0 +1,60 @@
+"""The papers' tables and figures for fine-tuned runs (DeeBERT Table 1 / Figures 2-4, 6; PCEE-BERT Table 2).
+
+    python infer/analyze.py runs/mrpc-joint --out results/analysis/mrpc-joint
+    python infer/analyze.py --tables results/analysis --out results/tables.md
+
+The first form runs one cached pass over dev (plus timed latency runs for the wall-saving figure)
+and writes analysis.json, tables.md, logits.npy, tradeoff.{csv,png}, per_layer.png,
+exit_histograms.png and wall_saving.png under --out. The second gathers every analysis.json
+under the given directories into one markdown file (mean and spread over seeds).
+"""
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
+
+from jaxexit import analysis  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="run directories (or, with --tables, analysis directories)")
+    p.add_argument("--out", required=True, help="output directory (with --tables: the markdown file)")
+    p.add_argument("--tables", action="store_true", help="gather analysis.json files into tables")
+    p.add_argument("--data-dir", help="GLUE TSV directory (default: the one the run was trained on)")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--timing-inputs", type=int, default=200,
+                   help="held-out inputs timed in latency mode for the wall-saving figure (0: skip)")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", force=True)
+    command = "python infer/analyze.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    try:
+        if args.tables:
+            text = analysis.tables(analysis.load_analyses(args.paths), command=command)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+            print(text)
+            return text
+        if len(args.paths) != 1:
+            parser.error("give one run directory (or --tables)")
+        if args.timing_inputs < 0:
+            parser.error(f"--timing-inputs must be >= 0, got {args.timing_inputs}")
+        result = analysis.analyze(args.paths[0], args.out, args.data_dir, args.split, args.timing_inputs, command)
+        print((Path(args.out) / "tables.md").read_text())
+        print(f"wrote {args.out}/")
+        return result
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The papers' analyses of fine-tuned runs, from one cached pass over a labelled split.
+
+`analyze(run)` writes, for one run (see `infer/analyze.py`):
+
+* DeeBERT Table 1: the full model against the entropy policy (pabee for regression) at the
+  largest saving with under 0.5 point drop and at the largest saving within a 4 point drop;
+* PCEE-BERT Table 2: every policy at savings near 25%, 50% and 75%, static (budgeted) exit as
+  the reference;
+* figures: score against saving for every policy (DeeBERT Figure 2, PCEE-BERT Figure 3),
+  per-layer score (DeeBERT Figure 4), exit-layer histograms at several thresholds (DeeBERT
+  Figure 6) and measured wall saving against saving in latency mode (DeeBERT Figure 3).
+
+Every threshold is chosen on the first half of the split (inputs `[0, N/2)`) and reported on the
+second half (`[N/2, N)`), so no table entry is tuned on the inputs it is scored on. Scores are in
+the task's primary metric (accuracy, F1, MCC, Pearson) as fractions; tables print points (x100).
+
+`tables(analyses)` gathers several runs' `analysis.json` into the markdown tables, with the mean
+and standard deviation over seeds where a task and scheme were trained with several seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from jaxexit import glue, metrics, offline, policies, runners
+from jaxexit.api import EarlyExitModel
+
+TARGET_SAVINGS = (0.25, 0.5, 0.75)
+DEEBERT_DROPS = (0.005, 0.04)  # under 0.5 point; within 4 points (the papers' "2-4 point" regime)
+HISTOGRAM_LEVELS = (0.1, 0.3, 0.6, 0.9)  # entropy thresholds as fractions of ln C
+
+
+def _metric(task: glue.Task):
+    name = metrics.primary_metric(task)
+    return lambda p, y: metrics.task_metrics(task, p, y)[name]
+
+
+def _calibrated(name, logits, labels, metric, half, **rule) -> dict:
+    """Calibrate on [0, half), report on [half, N); a row with `note` if no setting qualifies."""
+    try:
+        cal = offline.calibrate(name, logits[:, :half], labels[:half], metric,
+                                heldout=(logits[:, half:], labels[half:]), **rule)
+    except ValueError as e:
+        return {"policy": name, "note": str(e)}
+    held = cal.heldout
+    return {"policy": name, "params": dict(cal.policy.params), "score": held["score"], "drop": held["drop"],
+            "saving": held["saving"], "avg_layers": held["avg_layers"], "calibration_saving": cal.calibration["saving"],
+            "calibration_drop": cal.calibration["drop"], "exit_histogram": held["exit_histogram"]}
+
+
+def deebert_rows(task, logits, labels, half) -> list[dict]:
+    name = "pabee" if task.is_regression else "entropy"
+    return [{"max_drop": d, **_calibrated(name, logits, labels, _metric(task), half, max_drop=d)}
+            for d in DEEBERT_DROPS]
+
+
+def pcee_rows(task, logits, labels, half) -> list[dict]:
+    return [{"target_saving": t, **_calibrated(name, logits, labels, _metric(task), half, target_saving=t)}
+            for name in offline.applicable(logits.shape[2]) for t in TARGET_SAVINGS]
+
+
+def histogram_settings(num_layers: int, num_labels: int) -> list[policies.Policy]:
+    """Figure 6's thresholds: entropy at fractions of ln C; pabee patience 1..L-1 for regression."""
+    if num_labels == 1:
+        return [policies.make_policy("pabee", num_layers, 1, patience=p, delta=0.1) for p in range(1, num_layers)]
+    return [policies.make_policy("entropy", num_layers, num_labels, S=round(f * math.log(num_labels), 4))
+            for f in HISTOGRAM_LEVELS]
+
+
+def wall_savings(model: EarlyExitModel, split, settings: list[policies.Policy]) -> dict:
+    """Latency mode (batch 1): the full model once, then each setting, on the same inputs."""
+    _, full = runners.run_full_latency(model, split)
+    rows = []
+    for policy in settings:
+        exits = runners.run_latency(model, policy, split)
+        eff = offline.efficiency(exits.exit_layer, model.num_layers)
+        rows.append({"policy": policy.name, "params": dict(policy.params), "saving": eff["saving"],
+                     "seconds": exits.seconds, "wall_saving": 1.0 - exits.seconds / full})
+    return {"inputs": len(split), "full_model_seconds": full, "settings": rows}
+
+
+def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "dev", timing_inputs: int = 200,
+            command: str = "") -> dict:
+    """Every analysis above for one run; writes `analysis.json`, `tables.md`, CSV and PNGs to `out_dir`."""
+    from jaxexit import inference
+
+    run = inference.resolve_run(str(run_dir))
+    train_cfg = run.train_config()
+    task = glue.get_task(train_cfg["task"])
+    model = EarlyExitModel.from_run(run.path)
+    split_name = glue.canonical_split(task, split)
+    data, _ = inference.load_inputs(run, model, task, split_name, data_dir or train_cfg.get("data_dir"))
+    labels = data.labels
+    if np.isnan(labels.astype(float)).any() or (labels < 0).any():
+        raise ValueError(f"{task.tsv_dir} {split_name} has no labels; the analyses need a labelled split")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    logits = runners.cached_logits(model, data)
+    L, N, C = logits.shape
+    half = N // 2
+    metric = _metric(task)
+    result = {
+        "task": task.name, "tsv_dir": task.tsv_dir, "split": split_name, "metric": metrics.primary_metric(task),
+        "checkpoint": str(run.path), "scheme": train_cfg["scheme"], "seed": train_cfg["seed"],
+        "model": train_cfg["model"], "num_layers": L, "n": N, "command": command,
+        "halves": f"thresholds chosen on inputs [0, {half}), reported on [{half}, {N})",
+        "full_score": offline.full_score(logits, labels, metric),
+        "full_score_heldout": offline.full_score(logits[:, half:], labels[half:], metric),
+        "per_layer": [metrics.task_metrics(task, p, labels) for p in offline.ramp_predictions(logits)],
+        "deebert": deebert_rows(task, logits, labels, half),
+        "pcee": pcee_rows(task, logits, labels, half),
+        "histograms": [offline.evaluate(p, logits, labels, metric).row() for p in histogram_settings(L, C)],
+    }
+    _, _, sweep_rows = inference.sweep(task, logits, labels, out / "tradeoff")
+    result["settings_swept"] = len(sweep_rows)
+    if timing_inputs:
+        held = _subset(data, np.arange(half, min(N, half + timing_inputs)))
+        chosen = [r for r in result["deebert"] + result["histograms"] if "params" in r]
+        settings = list({(r["policy"], tuple(r["params"].items())): policies.make_policy(r["policy"], L, C, **r["params"])
+                         for r in chosen}.values())
+        result["timing"] = wall_savings(model, held, settings)
+    np.save(out / "logits.npy", logits)
+    (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot_per_layer(result, out / "per_layer.png")
+    plot_histograms(result, out / "exit_histograms.png")
+    if "timing" in result:
+        plot_wall_saving(result, out / "wall_saving.png")
+    (out / "tables.md").write_text(tables([result], command=command))
+    return result
+
+
+def _subset(split, rows):
+    import dataclasses
+
+    return dataclasses.replace(split, idx=split.idx[rows], rows=[split.rows[i] for i in rows],
+                               types=[split.types[i] for i in rows], labels=split.labels[rows])
+
+
+# ---- figures -----------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_layer(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
+    name = result["metric"]
+    layers = np.arange(1, len(result["per_layer"]) + 1)
+    ax.plot(layers, [r[name] for r in result["per_layer"]], marker="o")
+    ax.set_xlabel("exit ramp (layer)")
+    ax.set_ylabel(f"{result['tsv_dir']} {result['split']} {name}")
+    ax.set_title(f"Per-layer score ({result['scheme']})")
+    ax.set_xticks(layers)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_histograms(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    rows = result["histograms"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 2.8), dpi=120, sharey=True)
+    for ax, r in zip(np.atleast_1d(axes), rows):
+        hist = np.asarray(r["exit_histogram"])
+        ax.bar(np.arange(1, len(hist) + 1), hist / hist.sum())
+        label = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        ax.set_title(f"{r['policy']} {label}\nsaving {r['saving']:.2f}", fontsize=9)
+        ax.set_xlabel("exit layer")
+        ax.set_xticks(np.arange(1, len(hist) + 1))
+    np.atleast_1d(axes)[0].set_ylabel("fraction of inputs")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_wall_saving(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    rows = result["timing"]["settings"]
+    fig, ax = plt.subplots(figsize=(4.4, 4.0), dpi=120)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="wall saving = saving")
+    ax.scatter([r["saving"] for r in rows], [r["wall_saving"] for r in rows], label="latency mode, batch 1")
+    ax.set_xlabel("saving = 1 - avg_layers / L")
+    ax.set_ylabel("wall_saving (measured)")
+    ax.set_title(f"{result['tsv_dir']}: measured vs expected saving", fontsize=10)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(min(0.0, *[r["wall_saving"] for r in rows]) - 0.05, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---- tables over runs --------------------------------------------------------------------------------
+def _pts(values: list[float]) -> str:
+    """Points (x100): the value, or mean ± standard deviation over seeds."""
+    values = [100 * v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _group(analyses: list[dict], scheme: str | None = None) -> dict[str, list[dict]]:
+    groups = defaultdict(list)
+    for a in analyses:
+        if scheme is None or a["scheme"] == scheme:
+            groups[a["tsv_dir"]].append(a)
+    return dict(groups)
+
+
+def _cell(rows: list[dict | None]) -> str:
+    rows = [r for r in rows if r is not None]
+    if not rows or any("note" in r for r in rows):
+        return "n/a"
+    return f"{_pts([r['score'] for r in rows])} ({_pts([r['saving'] for r in rows])}%)"
+
+
+def tables(analyses: list[dict], command: str = "") -> str:
+    """Markdown: DeeBERT Table 1 (two_stage runs), PCEE-BERT Table 2 (joint runs), per-layer scores."""
+    out = []
+    if command:
+        out += [f"Made by: `{command}`", ""]
+    halves = {a["halves"] for a in analyses}
+    out += ["Thresholds are chosen on the first half of dev and reported on the second half "
+            f"({'; '.join(sorted(halves))}). Scores in points of the task's metric; cells are "
+            "`score (saving %)`; `a ± b` is the mean and standard deviation over seeds.", ""]
+    for scheme in sorted({a["scheme"] for a in analyses}):
+        groups = _group(analyses, scheme)
+        out += [f"### DeeBERT Table 1 form ({scheme} checkpoints)", "",
+                "| task (metric) | seeds | full model | largest saving, drop < 0.5 | largest saving, drop <= 4 |",
+                "|---|---|---|---|---|"]
+        for task, runs in sorted(groups.items()):
+            cells = [_cell([next(r for r in a["deebert"] if r["max_drop"] == d) for a in runs]) for d in DEEBERT_DROPS]
+            policy = runs[0]["deebert"][0]["policy"]
+            out.append(f"| {task} ({runs[0]['metric']}, {policy}) | {len(runs)} | "
+                       f"{_pts([a['full_score_heldout'] for a in runs])} | {cells[0]} | {cells[1]} |")
+        out.append("")
+        out += [f"### PCEE-BERT Table 2 form ({scheme} checkpoints)", ""]
+        for task, runs in sorted(groups.items()):
+            out += [f"{task} ({runs[0]['metric']}), full model {_pts([a['full_score_heldout'] for a in runs])}, "
+                    f"{len(runs)} seed(s):", "",
+                    "| policy | " + " | ".join(f"saving >= {int(t * 100)}%" for t in TARGET_SAVINGS) + " |",
+                    "|---|" + "---|" * len(TARGET_SAVINGS)]
+            for name in dict.fromkeys(r["policy"] for r in runs[0]["pcee"]):
+                cells = [_cell([next((r for r in a["pcee"] if r["policy"] == name and r["target_saving"] == t), None)
+                                for a in runs]) for t in TARGET_SAVINGS]
+                out.append(f"| {name}{' (reference)' if name == 'static' else ''} | " + " | ".join(cells) + " |")
+            out.append("")
+        out += [f"### Per-layer score ({scheme} checkpoints, whole dev)", "",
+                "| task (metric) | " + " | ".join(f"ramp {i + 1}" for i in range(analyses[0]["num_layers"])) + " |",
+                "|---|" + "---|" * analyses[0]["num_layers"]]
+        for task, runs in sorted(groups.items()):
+            metric = runs[0]["metric"]
+            cols = [_pts([a["per_layer"][i][metric] for a in runs]) for i in range(runs[0]["num_layers"])]
+            out.append(f"| {task} ({metric}) | " + " | ".join(cols) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def load_analyses(paths) -> list[dict]:
+    found = []
+    for p in map(Path, paths):
+        files = sorted(p.rglob("analysis.json")) if p.is_dir() else [p]
+        if not files:
+            raise FileNotFoundError(f"no analysis.json under {p}")
+        found += [json.loads(f.read_text()) for f in files]
+    return found
