@@ -1,0 +1,74 @@
+"""infer/analyze.py: the papers' tables and figures from one run; tables gathered over seeds."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import tiny
+from conftest import REPO
+from jaxexit import analysis, offline
+from jaxexit.train_config import TrainConfig
+from jaxexit.trainer import finetune
+
+sys.path.insert(0, str(REPO / "infer"))
+import analyze as analyze_cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    model, data = tiny.make_tiny_checkpoint(root / "model"), tiny.make_tiny_glue(root / "glue", dev=60)
+    runs = {}
+    for seed in (1, 2):
+        cfg = TrainConfig(task="sst2", model=str(model), data_dir=str(data / "SST-2"), scheme="joint", batch_size=8,
+                          max_length=32, lr=1e-2, epochs=1.0, seed=seed, output_dir=str(root / "runs"),
+                          run_name=f"joint-s{seed}")
+        runs[seed] = finetune(cfg, progress=False).path
+    return root, runs
+
+
+def test_analyze_writes_tables_figures_and_held_out_numbers(tiny_runs, capsys):
+    root, runs = tiny_runs
+    out = root / "out1"
+    result = analyze_cli.main([str(runs[1]), "--out", str(out), "--timing-inputs", "8"])
+    for name in ("analysis.json", "tables.md", "logits.npy", "tradeoff.csv", "tradeoff.png", "per_layer.png",
+                 "exit_histograms.png", "wall_saving.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "analysis.json").read_text())
+    assert saved["command"].startswith("python infer/analyze.py") and saved["n"] == 60
+    logits = np.load(out / "logits.npy")
+    labels = np.asarray([int(line.rsplit("\t", 1)[1]) for line in
+                         (root / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]])
+    # Every PCEE-table entry: chosen on [0, 30), scored on [30, 60) exactly as evaluating its setting there.
+    for row in saved["pcee"]:
+        if "params" not in row:
+            continue
+        policy = offline.Policy(row["policy"], 3, 2, tuple(row["params"].items()))
+        held = offline.evaluate(policy, logits[:, 30:], labels[30:], analysis.metrics.accuracy)
+        assert held.score == pytest.approx(row["score"]) and held.saving == pytest.approx(row["saving"])
+        assert row["calibration_saving"] >= row["target_saving"] - 1e-9
+    assert [r["max_drop"] for r in saved["deebert"]] == list(analysis.DEEBERT_DROPS)
+    assert {r["policy"] for r in saved["pcee"]} == {"entropy", "pcee", "maxprob", "pabee", "static"}
+    assert saved["timing"]["inputs"] == 8 and saved["timing"]["settings"]
+    assert "DeeBERT Table 1 form" in capsys.readouterr().out
+
+
+def test_tables_report_mean_and_spread_over_seeds(tiny_runs):
+    root, runs = tiny_runs
+    results = [analysis.analyze(runs[s], root / f"seed{s}", timing_inputs=0) for s in (1, 2)]
+    text = analysis.tables(analysis.load_analyses([root / "seed1", root / "seed2"]), command="cmd")
+    full = [100 * r["full_score_heldout"] for r in results]
+    assert f"| SST-2 (accuracy, entropy) | 2 | {np.mean(full):.1f} ± {np.std(full, ddof=1):.1f} |" in text
+    assert "static (reference)" in text and "Made by: `cmd`" in text
+
+
+def test_analyze_refuses_missing_paths(tiny_runs):
+    root, runs = tiny_runs
+    with pytest.raises(SystemExit):
+        analyze_cli.main([str(root / "nope"), "--out", str(root / "x")])
+    with pytest.raises(SystemExit):
+        analyze_cli.main(["--tables", str(root / "empty-dir-that-is-missing"), "--out", str(root / "t.md")])
