@@ -112,6 +112,12 @@ def main():
     batched = runners.run_batched(model, policy, split, args.batch_size)
     _, full_batched = runners.run_full_batched(model, split, args.batch_size)
     device = runners.run_on_device(model, policy, split, 1)
+    # Host-decision overhead per layer: every layer dispatched and decided on (static k = L, so the
+    # same work as the full model) against the full model compiled as one function.
+    sample = batches.EncodedSplit(split.rows[:200], split.types[:200], split.labels[:200], split.idx[:200])
+    every = make_policy("static", model.num_layers, 2, k=model.num_layers)
+    per_layer = paired_latency(model, every, sample, 1)[0]
+    overhead_ms = 1000 * (per_layer[0] - per_layer[1]) / len(sample) / model.num_layers
     saving = offline.efficiency(latency.exit_layer, model.num_layers)["saving"]
     wall_saving = 1 - latency.seconds / full_latency
 
@@ -137,6 +143,9 @@ def main():
                                         "ratio": jax_full / torch_full if torch_full else None},
         "batched": {"batch_size": args.batch_size, "early_exit_s": batched.seconds, "full_model_s": full_batched,
                     "throughput_ratio": full_batched / batched.seconds},
+        "host_decision_overhead": {"inputs": len(sample), "all_layers_stepped_s": per_layer[0],
+                                   "full_model_s": per_layer[1], "ms_per_layer": overhead_ms,
+                                   "fraction_of_a_layer": overhead_ms / (1000 * per_layer[1] / len(sample) / model.num_layers)},
         "device_batch1": {"early_exit_s": device.seconds, "wall_saving": 1 - device.seconds / full_latency},
         "sweep": {"settings": len(rows), "seconds": sweep_seconds, "model_pass_seconds": pass_seconds},
         "modes_agree": bool(np.array_equal(latency.exit_layer, batched.exit_layer)
@@ -153,6 +162,7 @@ def main():
           f"| **wall_saving / saving** (latency) | **{f['latency']['wall_saving_over_saving']:.3f}** (wall_saving {wall_saving:.3f}) |\n"
           f"| latency mode, paired per input ({args.rounds} rounds): median wall_saving / saving | **{pw['median_wall_saving_over_saving']:.3f}** (wall_saving {pw['median_wall_saving']:.3f}; rounds "
           + ", ".join(f"{r['wall_saving']:.3f}" for r in pw["rounds"]) + ") |\n"
+          f"| host-decision overhead per layer (batch 1, all L layers stepped vs the full model, {len(sample)} inputs) | {overhead_ms:.3f} ms = {f['host_decision_overhead']['fraction_of_a_layer']:.2f} of a layer |\n"
           f"| on-device loop, batch 1: wall_saving | {f['device_batch1']['wall_saving']:.3f} |\n"
           f"| batched (batch {args.batch_size}): full model / early exit time = **throughput ratio** | **{f['batched']['throughput_ratio']:.2f}x** |\n")
     if torch_full:
