@@ -26,26 +26,29 @@ def resolve_run(checkpoint: str | None, output_dir: str = "runs") -> RunDir:
     return run
 
 
+# Which policy the given flags name when --policy is absent: (policy, flags that name it, flags it
+# also takes). First match wins: --tau means PCEE (patience 1, DeeBERT's rule on normalised
+# entropy, unless --patience is given); --patience alone (or with --delta) means PABEE.
+_IMPLIED = (
+    ("pcee", {"tau"}, {"patience"}),
+    ("pabee", {"patience", "delta"}, set()),
+    ("entropy", {"S"}, set()),
+    ("maxprob", {"t"}, set()),
+    ("static", {"k"}, set()),
+)
+
+
 def policy_from_args(name: str | None, params: dict, num_layers: int, num_labels: int) -> policies.Policy:
-    """`pcee` when only --patience/--tau are given; `pabee` for --patience alone (or with --delta)."""
+    """The policy `--policy` names, or the one its parameter flags imply (see `_IMPLIED`)."""
     given = {k: v for k, v in params.items() if v is not None}
     if name is None:
-        if "tau" in given or ("patience" in given and num_labels > 1 and "delta" not in given and len(given) == 1):
-            name = "pcee" if "tau" in given else "pabee"
-        elif set(given) <= {"patience", "delta"} and given:
-            name = "pabee"
-        elif "S" in given:
-            name = "entropy"
-        elif "t" in given:
-            name = "maxprob"
-        elif "k" in given:
-            name = "static"
-        else:
+        if not given:
             raise ValueError("no exit policy: give --policy and its parameters (e.g. --patience 2 --tau 0.2)")
-        if name == "pcee" and "patience" not in given:
-            given["patience"] = 1
-    if name == "pabee" and num_labels > 1 and "patience" in given and "tau" in given:
-        raise ValueError("--tau belongs to pcee, not pabee")
+        name = next((n for n, keys, extra in _IMPLIED if set(given) & keys and set(given) <= keys | extra), None)
+        if name is None:
+            raise ValueError(f"the flags {sorted(given)} do not name one policy; give --policy")
+        if name == "pcee":
+            given.setdefault("patience", 1)
     return policies.make_policy(name, num_layers, num_labels, **given)
 
 

@@ -94,3 +94,7 @@ def test_policy_defaults_and_regression_refusal():
         inference.policy_from_args("entropy", {"S": 0.1}, 6, 1)
     with pytest.raises(ValueError, match="regression"):
         inference.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 1)
+    with pytest.raises(ValueError, match="do not name one policy"):
+        inference.policy_from_args(None, {"S": 0.1, "t": 0.5}, 6, 2)
+    with pytest.raises(ValueError, match="unexpected"):
+        inference.policy_from_args("pabee", {"patience": 2, "tau": 0.3}, 6, 2)
