@@ -6,6 +6,7 @@ update loop with evaluation and checkpoints -> the final model and summary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -104,73 +105,26 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     log.info("%s: %d train examples, %d steps/epoch, stages %s, %d devices",
              task.tsv_dir, len(train_split), per_epoch, totals, mesh.devices.size)
 
+    job = _Job(cfg, task, mcfg, tokenizer, run, mesh, train_split, devs, per_epoch)
     params = parallel.replicate(start, mesh)
     meta = run.latest_meta() if resume else None
     if resume and meta is None:
         log.warning("%s has no checkpoint yet: starting from the beginning", run.path)
     if meta is not None:
         run.truncate_log(meta["global_step"])
-    final_scores = None
-
+    final_scores = None  # the last stage's last evaluation
     for stage in cfg.stages:
         if meta is not None and cfg.stages.index(stage) < cfg.stages.index(meta["stage"]):
             continue  # finished before the interruption
-        tx, labels = optim.make_optimizer(
-            params, stage=stage, num_layers=mcfg.num_hidden_layers, lr=cfg.stage_lr(stage),
-            total_steps=totals[stage], warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-            b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
-        replicated = parallel.replicated(mesh)
-        init = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": np.int32(0)},
-                       out_shardings=replicated)
-        if meta is not None and meta["stage"] == stage:
-            abstract = jax.tree_util.tree_map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init, params))
-            state = run.restore_state(abstract)
-            log.info("resumed %s at step %d of %d", STAGE_NAMES[stage], int(state["step"]), totals[stage])
-        else:
-            state = init(params)
+        resume_stage = meta is not None and meta["stage"] == stage
+        # Stage 2 starts from stage 1's last parameters (the papers' rule).
+        params, final_scores = _train_stage(job, stage, params, totals[stage], offsets[stage], resume_stage,
+                                            progress, on_step)
         meta = None
-        step_fn = jax.jit(functools.partial(steps.train_step, mcfg, stage, tx, labels), donate_argnums=(0,))
-        # RBG keys: dropout masks cost a sixth of a step with threefry on CPU, a small fraction with rbg.
-        rng = jax.random.fold_in(jax.random.key(cfg.seed, impl="rbg"), stage)
-
-        bar = _progress(progress, totals[stage], STAGE_NAMES[stage], int(state["step"]))
-        seen, tick = 0, time.time()
-        while (step := int(state["step"])) < totals[stage]:
-            epoch, first = divmod(step, per_epoch)
-            for batch in batches.train_batches(tokenizer, train_split, cfg.batch_size, cfg.seed * 1000 + stage,
-                                               epoch, start=first):
-                state, out = step_fn(state, parallel.shard_batch(batch, mesh), rng)
-                step += 1
-                seen += cfg.batch_size
-                global_step = offsets[stage] + step
-                if step % cfg.log_every == 0 or step == totals[stage]:
-                    loss = float(out["loss"])
-                    rate = seen / max(time.time() - tick, 1e-9)
-                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
-                    run.log({"kind": "train", "stage": stage, "step": step, "global_step": global_step,
-                             "epoch": epoch, "loss": loss, "examples_per_s": rate, "time": round(time.time(), 1),
-                             "ramp_losses": np.asarray(out["ramp_losses"]).round(5).tolist()})
-                    seen, tick = 0, time.time()
-                bar.update(1)
-                end_of_epoch = step % per_epoch == 0
-                if end_of_epoch or step == totals[stage]:
-                    final_scores = _evaluate(run, task, mcfg, tokenizer, devs, state["params"], cfg, mesh,
-                                             stage, step, global_step, epoch + 1)
-                if end_of_epoch or step == totals[stage] or step % cfg.save_every == 0:
-                    run.save_state(global_step, state, {"stage": stage, "global_step": global_step,
-                                                         "step": step, "config": cfg.to_dict()})
-                if on_step is not None:
-                    on_step(run, stage, step)
-                if step == totals[stage]:
-                    break
-        bar.close()
-        params = state["params"]  # stage 2 starts from stage 1's last parameters (the papers' rule)
 
     run.wait()
     if final_scores is None:  # resumed after the last step: evaluate once more
-        final_scores = _evaluate(run, task, mcfg, tokenizer, devs, params, cfg, mesh, cfg.stages[-1],
-                                 totals[cfg.stages[-1]], sum(totals.values()), None)
+        final_scores = _evaluate(job, params, cfg.stages[-1], totals[cfg.stages[-1]], sum(totals.values()), None)
     summary = {
         "task": task.name, "scheme": cfg.scheme, "model": cfg.model, "stages": totals,
         "final_ramp": {s: rows[-1] for s, rows in final_scores.items()},
@@ -181,6 +135,76 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
         summary["stage1_from"] = cfg.stage1_from
     run.save_model(params, summary)
     return run
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every stage of one run shares."""
+
+    cfg: TrainConfig
+    task: glue.Task
+    mcfg: object
+    tokenizer: object
+    run: RunDir
+    mesh: object
+    train: batches.EncodedSplit
+    devs: dict
+    per_epoch: int
+
+
+def _train_stage(job: _Job, stage: int, params, total: int, offset: int, resume: bool, progress: bool, on_step):
+    """One stage from `params` (or from the run's last checkpoint when `resume`): the update loop
+    with logging, per-epoch evaluation and checkpoints. Returns (last params, last dev scores)."""
+    cfg, run, mesh = job.cfg, job.run, job.mesh
+    tx, labels = optim.make_optimizer(
+        params, stage=stage, num_layers=job.mcfg.num_hidden_layers, lr=cfg.stage_lr(stage), total_steps=total,
+        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2,
+        eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
+    replicated = parallel.replicated(mesh)
+    init = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": np.int32(0)}, out_shardings=replicated)
+    if resume:
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init, params))
+        state = run.restore_state(abstract)
+        log.info("resumed %s at step %d of %d", STAGE_NAMES[stage], int(state["step"]), total)
+    else:
+        state = init(params)
+    step_fn = jax.jit(functools.partial(steps.train_step, job.mcfg, stage, tx, labels), donate_argnums=(0,))
+    # RBG keys: dropout masks cost a sixth of a step with threefry on CPU, a small fraction with rbg.
+    rng = jax.random.fold_in(jax.random.key(cfg.seed, impl="rbg"), stage)
+
+    scores = None
+    bar = _progress(progress, total, STAGE_NAMES[stage], int(state["step"]))
+    seen, tick = 0, time.time()
+    while (step := int(state["step"])) < total:
+        epoch, first = divmod(step, job.per_epoch)
+        for batch in batches.train_batches(job.tokenizer, job.train, cfg.batch_size, cfg.seed * 1000 + stage,
+                                           epoch, start=first):
+            state, out = step_fn(state, parallel.shard_batch(batch, mesh), rng)
+            step += 1
+            seen += cfg.batch_size
+            global_step = offset + step
+            if step % cfg.log_every == 0 or step == total:
+                loss = float(out["loss"])
+                rate = seen / max(time.time() - tick, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
+                run.log({"kind": "train", "stage": stage, "step": step, "global_step": global_step,
+                         "epoch": epoch, "loss": loss, "examples_per_s": rate, "time": round(time.time(), 1),
+                         "ramp_losses": np.asarray(out["ramp_losses"]).round(5).tolist()})
+                seen, tick = 0, time.time()
+            bar.update(1)
+            end_of_epoch = step % job.per_epoch == 0
+            if end_of_epoch or step == total:
+                scores = _evaluate(job, state["params"], stage, step, global_step, epoch + 1)
+            if end_of_epoch or step == total or step % cfg.save_every == 0:
+                run.save_state(global_step, state, {"stage": stage, "global_step": global_step, "step": step,
+                                                     "config": cfg.to_dict()})
+            if on_step is not None:
+                on_step(run, stage, step)
+            if step == total:
+                break
+    bar.close()
+    return state["params"], scores
 
 
 def _stage1_params(cfg: TrainConfig, task: glue.Task, fresh: EarlyExitModel) -> dict:
@@ -204,17 +228,17 @@ def _stage1_params(cfg: TrainConfig, task: glue.Task, fresh: EarlyExitModel) -> 
     return {"backbone": source.params["backbone"], "ramps": ramps}
 
 
-def _evaluate(run, task, mcfg, tokenizer, devs, params, cfg, mesh, stage, step, global_step, epoch):
+def _evaluate(job: _Job, params, stage, step, global_step, epoch):
     scores = {}
-    for split, data in devs.items():
-        logits = ramp_logits_for_split(mcfg, params, tokenizer, data, cfg.eval_batch_size, mesh)
-        scores[split] = layer_scores(task, logits, data.labels)
-    run.log({"kind": "eval", "stage": stage, "step": step, "global_step": global_step, "epoch": epoch,
-             "per_layer": scores})
-    if run.writer:
-        write_text(run.path / "layers.csv", layer_table(task, scores))
-        print(f"\n{task.tsv_dir} dev, {STAGE_NAMES[stage]}, epoch {epoch} (per ramp):\n"
-              f"{format_table(task, scores)}", flush=True)
+    for split, data in job.devs.items():
+        logits = ramp_logits_for_split(job.mcfg, params, job.tokenizer, data, job.cfg.eval_batch_size, job.mesh)
+        scores[split] = layer_scores(job.task, logits, data.labels)
+    job.run.log({"kind": "eval", "stage": stage, "step": step, "global_step": global_step, "epoch": epoch,
+                 "per_layer": scores})
+    if job.run.writer:
+        write_text(job.run.path / "layers.csv", layer_table(job.task, scores))
+        print(f"\n{job.task.tsv_dir} dev, {STAGE_NAMES[stage]}, epoch {epoch} (per ramp):\n"
+              f"{format_table(job.task, scores)}", flush=True)
     return scores
 
 
