@@ -12,6 +12,7 @@
 #
 #   bash results/train_minilm.sh            # everything, in this order (~2-3 h on 2 cores)
 #   bash results/train_minilm.sh cola mrpc  # only these blocks
+#   bash results/train_minilm.sh tables     # results/tables.md from every results/analysis/*/analysis.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 M=../shared/models/all-MiniLM-L6-v2
@@ -40,9 +41,10 @@ block() {
     seeds) for seed in 43 44; do joint CoLA cola 2 $seed; done; for seed in 43 44; do joint MRPC mrpc 1 $seed; done ;;
     sst2-joint) train --config sst2 --data-dir $G/SST-2 --epochs 0.5 --scheme joint --run-name sst2-joint \
         && analyze sst2-joint ;;
+    tables) python infer/analyze.py --tables results/analysis --out results/tables.md > /dev/null ;;
     *) echo "unknown block $1"; return 2 ;;
   esac
 }
-for b in "${@:-sst2-stage1 cola mrpc stsb seeds sst2 sst2-joint}"; do
+for b in "${@:-sst2-stage1 cola mrpc stsb seeds sst2 sst2-joint tables}"; do
   for x in $b; do echo "== $x $(date -u +%H:%M)"; block "$x"; done
 done
