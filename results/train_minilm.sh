@@ -38,7 +38,9 @@ block() {
     cola) both CoLA cola 2 ;;
     mrpc) both MRPC mrpc 1 ;;
     stsb) both STS-B stsb 1 ;;
-    seeds) for seed in 43 44; do joint CoLA cola 2 $seed; done; for seed in 43 44; do joint MRPC mrpc 1 $seed; done ;;
+    seeds) block seeds-mrpc; block seeds-cola ;;
+    seeds-mrpc) for seed in 43 44; do joint MRPC mrpc 1 $seed; done ;;
+    seeds-cola) for seed in 43 44; do joint CoLA cola 2 $seed; done ;;
     sst2-joint) train --config sst2 --data-dir $G/SST-2 --epochs 0.5 --scheme joint --run-name sst2-joint \
         && analyze sst2-joint ;;
     tables) python infer/analyze.py --tables results/analysis --out results/tables.md > /dev/null ;;
