@@ -68,6 +68,13 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     to kill a run at a chosen point).
     """
     started = time.time()
+    run = None
+    if resume:  # the run being resumed: its saved config wins, before anything is built from cfg
+        run = RunDir.latest(cfg.output_dir) if resume == "latest" else RunDir(resume)
+        saved = TrainConfig.from_dict(run.train_config())
+        if saved != cfg:
+            log.warning("resuming %s with its saved config (command-line settings ignored)", run.path)
+        cfg = saved
     parallel.maybe_initialize_distributed()
     mesh = parallel.data_mesh()
     parallel.check_batch_size(cfg.batch_size, mesh)
@@ -82,14 +89,7 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     mcfg, tokenizer = model.config, model.tokenizer
     start = _stage1_params(cfg, task, model) if cfg.stage1_from else model.params
 
-    # Run directory: new, or the one being resumed (its saved config wins).
-    if resume:
-        run = RunDir.latest(cfg.output_dir) if resume == "latest" else RunDir(resume)
-        saved = TrainConfig.from_dict(run.train_config())
-        if saved != cfg:
-            log.warning("resuming %s with its saved config (command-line settings ignored)", run.path)
-        cfg = saved
-    else:
+    if run is None:  # a new run directory
         name = cfg.run_name or f"{task.name}-{cfg.scheme}-{timestamp()}"
         run = RunDir.create(cfg.output_dir, name, cfg.to_dict(), mcfg, tokenizer)
 

@@ -215,6 +215,19 @@ def test_stage1_from_reruns_stage2_only_on_a_finished_run(tiny_setup, tmp_path):
         _cfg(tiny_setup, tmp_path, scheme="joint", stage1_from=str(first.path))
 
 
+def test_resume_builds_everything_from_the_saved_config(tiny_setup, tmp_path):
+    """`--resume` with another preset on the command line (as `finetune.py --resume DIR` without
+    `--config`): task, data and model come from the run's saved config."""
+    cfg = _cfg(tiny_setup, tmp_path, run_name="saved", max_steps=2, scheme="joint")
+    run = finetune(cfg, progress=False)
+    other = _cfg(tiny_setup, tmp_path, task="stsb", run_name="other", max_steps=2, scheme="joint")
+    again = finetune(other, resume=str(run.path), progress=False)
+    summary = json.loads((again.path / "summary.json").read_text())
+    assert again.path == run.path and summary["task"] == "sst2"
+    assert set(summary["final_ramp"]["validation"]) == {"accuracy"}
+    assert not (tmp_path / "runs" / "other").exists()
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
