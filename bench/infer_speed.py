@@ -114,7 +114,7 @@ def main():
     device = runners.run_on_device(model, policy, split, 1)
     # Host-decision overhead per layer: every layer dispatched and decided on (static k = L, so the
     # same work as the full model) against the full model compiled as one function.
-    sample = batches.EncodedSplit(split.rows[:200], split.types[:200], split.labels[:200], split.idx[:200])
+    sample = split.take(np.arange(min(200, len(split))))
     every = make_policy("static", model.num_layers, 2, k=model.num_layers)
     per_layer = paired_latency(model, every, sample, 1)[0]
     overhead_ms = 1000 * (per_layer[0] - per_layer[1]) / len(sample) / model.num_layers

@@ -36,11 +36,6 @@ DEEBERT_DROPS = (0.005, 0.04)  # under 0.5 point; within 4 points (the papers' "
 HISTOGRAM_LEVELS = (0.1, 0.3, 0.6, 0.9)  # entropy thresholds as fractions of ln C
 
 
-def _metric(task: glue.Task):
-    name = metrics.primary_metric(task)
-    return lambda p, y: metrics.task_metrics(task, p, y)[name]
-
-
 def _calibrated(name, logits, labels, metric, half, **rule) -> dict:
     """Calibrate on [0, half), report on [half, N); a row with `note` if no setting qualifies."""
     try:
@@ -56,12 +51,12 @@ def _calibrated(name, logits, labels, metric, half, **rule) -> dict:
 
 def deebert_rows(task, logits, labels, half) -> list[dict]:
     name = "pabee" if task.is_regression else "entropy"
-    return [{"max_drop": d, **_calibrated(name, logits, labels, _metric(task), half, max_drop=d)}
+    return [{"max_drop": d, **_calibrated(name, logits, labels, metrics.primary_scorer(task), half, max_drop=d)}
             for d in DEEBERT_DROPS]
 
 
 def pcee_rows(task, logits, labels, half) -> list[dict]:
-    return [{"target_saving": t, **_calibrated(name, logits, labels, _metric(task), half, target_saving=t)}
+    return [{"target_saving": t, **_calibrated(name, logits, labels, metrics.primary_scorer(task), half, target_saving=t)}
             for name in offline.applicable(logits.shape[2]) for t in TARGET_SAVINGS]
 
 
@@ -97,7 +92,7 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "dev", t
     split_name = glue.canonical_split(task, split)
     data, _ = inference.load_inputs(run, model, task, split_name, data_dir or train_cfg.get("data_dir"))
     labels = data.labels
-    if np.isnan(labels.astype(float)).any() or (labels < 0).any():
+    if not data.labelled:
         raise ValueError(f"{task.tsv_dir} {split_name} has no labels; the analyses need a labelled split")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +100,7 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "dev", t
     logits = runners.cached_logits(model, data)
     L, N, C = logits.shape
     half = N // 2
-    metric = _metric(task)
+    metric = metrics.primary_scorer(task)
     result = {
         "task": task.name, "tsv_dir": task.tsv_dir, "split": split_name, "metric": metrics.primary_metric(task),
         "checkpoint": str(run.path), "scheme": train_cfg["scheme"], "seed": train_cfg["seed"],
@@ -121,7 +116,7 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "dev", t
     _, _, sweep_rows = inference.sweep(task, logits, labels, out / "tradeoff")
     result["settings_swept"] = len(sweep_rows)
     if timing_inputs:
-        held = _subset(data, np.arange(half, min(N, half + timing_inputs)))
+        held = data.take(np.arange(half, min(N, half + timing_inputs)))
         chosen = [r for r in result["deebert"] + result["histograms"] if "params" in r]
         settings = list({(r["policy"], tuple(r["params"].items())): policies.make_policy(r["policy"], L, C, **r["params"])
                          for r in chosen}.values())
@@ -134,13 +129,6 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "dev", t
         plot_wall_saving(result, out / "wall_saving.png")
     (out / "tables.md").write_text(tables([result], command=command))
     return result
-
-
-def _subset(split, rows):
-    import dataclasses
-
-    return dataclasses.replace(split, idx=split.idx[rows], rows=[split.rows[i] for i in rows],
-                               types=[split.types[i] for i in rows], labels=split.labels[rows])
 
 
 # ---- figures -----------------------------------------------------------------------------------------

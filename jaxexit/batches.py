@@ -27,6 +27,17 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def labelled(self) -> bool:
+        """Every row has a label (test splits have none)."""
+        return not (np.isnan(self.labels.astype(float)).any() or (self.labels < 0).any())
+
+    def take(self, rows) -> "EncodedSplit":
+        """The rows `rows` (indices), in that order."""
+        rows = np.asarray(rows, np.int64)
+        return EncodedSplit([self.rows[i] for i in rows], [self.types[i] for i in rows], self.labels[rows],
+                            self.idx[rows])
+
 
 def encode_examples(tokenizer: Tokenizer, task: glue.Task, examples: list[glue.Example]) -> EncodedSplit:
     if not examples:

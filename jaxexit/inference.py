@@ -169,8 +169,7 @@ def write_json(path: str | os.PathLike, obj) -> Path:
 # ---- offline sweep and calibration ------------------------------------------------------------
 def sweep(task: glue.Task, cached: np.ndarray, labels: np.ndarray, out_prefix: Path) -> tuple[Path, Path, list[dict]]:
     """Every policy over its default grid: CSV of (policy, params, score, saving, ...) and a PNG."""
-    metric = lambda p, y: metrics.task_metrics(task, p, y)[metrics.primary_metric(task)]  # noqa: E731
-    rows = offline.sweep(cached, labels, metric)
+    rows = offline.sweep(cached, labels, metrics.primary_scorer(task))
     csv_path = out_prefix.with_suffix(".csv")
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
@@ -217,8 +216,7 @@ def calibrate(task: glue.Task, name: str, cached: np.ndarray, labels: np.ndarray
               max_drop=None) -> dict:
     """Choose the policy's threshold on the first half of the split, report it on the second half."""
     half = len(labels) // 2
-    metric = lambda p, y: metrics.task_metrics(task, p, y)[metrics.primary_metric(task)]  # noqa: E731
-    cal = offline.calibrate(name, cached[:, :half], labels[:half], metric, target_saving=target_saving,
+    cal = offline.calibrate(name, cached[:, :half], labels[:half], metrics.primary_scorer(task), target_saving=target_saving,
                             max_drop=max_drop, heldout=(cached[:, half:], labels[half:]))
     return {"policy": cal.policy.as_dict(), "rule": cal.rule, "calibration_half": cal.calibration,
             "heldout_half": cal.heldout, "halves": f"calibrated on inputs [0, {half}), reported on [{half}, {len(labels)})"}
@@ -258,7 +256,7 @@ def main_cli(args) -> dict:
     data_dir = args.data_dir or train_cfg.get("data_dir")
     split_name = glue.canonical_split(task, args.split)
     split, _ = load_inputs(run, model, task, split_name, data_dir, args.limit)
-    labels = None if np.isnan(split.labels.astype(float)).any() or (split.labels < 0).any() else split.labels
+    labels = split.labels if split.labelled else None
     meta = {"task": task.name, "split": split_name, "checkpoint": str(run.path), "num_labels": C}
 
     if args.sweep or calibrating:

@@ -83,6 +83,13 @@ def primary_metric(task: str | Task) -> str:
     return get_task(task).metric_names[0]
 
 
+def primary_scorer(task: str | Task):
+    """`score(predictions, labels) -> float` in the task's primary metric (for sweeps and calibration)."""
+    task = get_task(task)
+    name = primary_metric(task)
+    return lambda predictions, labels: task_metrics(task, predictions, labels)[name]
+
+
 def task_metrics(task: str | Task, predictions, labels) -> dict[str, float]:
     """Every metric GLUE reports for `task`, keyed by name (primary first).
 

@@ -326,3 +326,17 @@ def test_tfds_builder_and_tsv_reader_agree_on_real_files(tmp_path, task):
             lines = (files / name).read_text(encoding="utf-8").splitlines(keepends=True)
             (files / name).write_text("".join(lines[:300]), encoding="utf-8")
     _assert_sources_agree(_tfds(), task, glue_dir, tmp_path / "tfds")
+
+
+def test_encoded_split_take_and_labelled():
+    from jaxexit import metrics
+    from jaxexit.batches import EncodedSplit
+
+    split = EncodedSplit([[1], [2, 3], [4]], [[0], [0, 0], [0]], np.array([1, 0, 1], np.int32), np.array([7, 8, 9]))
+    part = split.take([2, 0])
+    assert part.rows == [[4], [1]] and part.idx.tolist() == [9, 7] and part.labels.tolist() == [1, 1]
+    assert split.labelled
+    assert not EncodedSplit([[1]], [[0]], np.array([-1], np.int32), np.array([0])).labelled
+    assert not EncodedSplit([[1]], [[0]], np.array([np.nan], np.float32), np.array([0])).labelled
+    score = metrics.primary_scorer("mrpc")  # F1 of class 1
+    assert score(np.array([1, 1, 0]), np.array([1, 0, 0])) == pytest.approx(metrics.f1([1, 1, 0], [1, 0, 0]))
