@@ -100,13 +100,14 @@ def _exits(layers, logits, seconds) -> Exits:
 
 
 # ---- batched: exited rows leave the batch ---------------------------------------------------------
-def row_buckets(cap: int) -> list[int]:
+@functools.lru_cache(maxsize=None)
+def row_buckets(cap: int) -> tuple[int, ...]:
     """The row counts a batch of `cap` rows shrinks through: multiples of cap/8 (rounded up),
     and powers of two below the first multiple. Finer than powers of two, which would run a
     batch of 33 live rows as 64 and give back up to half of the saving."""
     step = max(1, -(-cap // 8))
     sizes = {min(cap, k * step) for k in range(1, 9)} | {1 << j for j in range(step.bit_length()) if 1 << j < step}
-    return sorted(sizes)
+    return tuple(sorted(sizes))
 
 
 def _row_bucket(n: int, cap: int) -> int:
