@@ -40,9 +40,9 @@ def paired_latency(model, policy, split, rounds: int):
     """Batch-1 seconds of the early-exit run and of the full model over the same inputs, measured
     input by input in alternating order for `rounds` rounds (so that the machine's noise hits
     both alike); returns per-round (early, full) totals."""
-    singles = [runners._inputs(model, split, [i]) for i in range(len(split))]
-    runners._warm(model.final_logits, singles, 2)
-    runners._warm(lambda b: runners.exit_one(model, policy, b), singles, 2)
+    singles = runners.single_inputs(model, split)
+    runners.warm_up(model.final_logits, singles, 2)
+    runners.warm_up(lambda b: runners.exit_one(model, policy, b), singles, 2)
     out = []
     for r in range(rounds):
         early = full = 0.0
@@ -123,7 +123,7 @@ def main():
 
     # Batch-1 full model against PyTorch, same sentences, same pretrained weights.
     pretrained = EarlyExitModel.from_pretrained(MINILM, num_labels=2)
-    singles = [model.tokenizer.pad([split.rows[i]], [split.types[i]]) for i in range(len(split))]
+    singles = runners.single_inputs(pretrained, split)
     jax_full = timed(lambda: [pretrained.final_logits(b) for b in singles], repeats=1, warmup=1)
     torch_full = torch_latency(singles)
 

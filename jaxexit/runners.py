@@ -44,6 +44,11 @@ def _inputs(model: EarlyExitModel, split: EncodedSplit, rows) -> dict:
     return model.tokenizer.pad([split.rows[i] for i in rows], [split.types[i] for i in rows])
 
 
+def single_inputs(model: EarlyExitModel, split: EncodedSplit) -> list[dict]:
+    """Every input of `split` as its own padded batch of one row (the latency runners' inputs)."""
+    return [_inputs(model, split, [i]) for i in range(len(split))]
+
+
 def _check(policy: Policy, model: EarlyExitModel) -> None:
     if (policy.num_layers, policy.num_labels) != (model.num_layers, model.config.num_labels):
         raise ValueError(f"{policy} is set for L={policy.num_layers}, C={policy.num_labels}; the model has "
@@ -66,8 +71,8 @@ def exit_one(model: EarlyExitModel, policy: Policy, batch: dict) -> tuple[int, n
 
 def run_latency(model: EarlyExitModel, policy: Policy, split: EncodedSplit, warmup: int = 2) -> Exits:
     _check(policy, model)
-    batches = [_inputs(model, split, [i]) for i in range(len(split))]
-    _warm(lambda b: exit_one(model, policies.make_policy("static", model.num_layers, model.config.num_labels,
+    batches = single_inputs(model, split)
+    warm_up(lambda b: exit_one(model, policies.make_policy("static", model.num_layers, model.config.num_labels,
                                                        k=model.num_layers), b), batches, warmup)
     layers, logits = np.zeros(len(split), np.int64), np.zeros((len(split), model.config.num_labels), np.float32)
     start = time.perf_counter()
@@ -78,15 +83,16 @@ def run_latency(model: EarlyExitModel, policy: Policy, split: EncodedSplit, warm
 
 def run_full_latency(model: EarlyExitModel, split: EncodedSplit, warmup: int = 2) -> tuple[np.ndarray, float]:
     """The dense model (one compiled function, ramp L only), one input at a time: (logits, seconds)."""
-    batches = [_inputs(model, split, [i]) for i in range(len(split))]
-    _warm(model.final_logits, batches, warmup)
+    batches = single_inputs(model, split)
+    warm_up(model.final_logits, batches, warmup)
     start = time.perf_counter()
     logits = np.concatenate([model.final_logits(b) for b in batches])
     return logits, time.perf_counter() - start
 
 
-def _warm(fn, batches: list[dict], warmup: int) -> None:
-    """Compile every shape the timed loop will meet (and run each a few times)."""
+def warm_up(fn, batches: list[dict], warmup: int) -> None:
+    """Compile every input shape in `batches` for `fn` and run each `warmup` times, so that no
+    compilation lands in a timed loop over them."""
     seen = {}
     for b in batches:
         seen.setdefault(b["input_ids"].shape, b)
@@ -168,7 +174,7 @@ def run_batched(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batc
 def run_full_batched(model: EarlyExitModel, split: EncodedSplit, batch_size: int = 64, warmup: int = 1):
     """The dense model at the same batch size: (logits [N, C], seconds)."""
     chunks = _chunks(model, split, batch_size)
-    _warm(model.final_logits, [b for _, b in chunks], warmup)
+    warm_up(model.final_logits, [b for _, b in chunks], warmup)
     out = np.zeros((len(split), model.config.num_labels), np.float32)
     start = time.perf_counter()
     for rows, batch in chunks:
@@ -229,7 +235,7 @@ def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, ba
     layers_p, ramps_p = stacked_layers(model)
     chunks = _chunks(model, split, batch_size)
     run = lambda b: device_exits(model.config, model.params, layers_p, ramps_p, b, policy)  # noqa: E731
-    _warm(lambda b: jax.block_until_ready(run(b)), [b for _, b in chunks], warmup)
+    warm_up(lambda b: jax.block_until_ready(run(b)), [b for _, b in chunks], warmup)
     layers, logits = np.zeros(len(split), np.int64), np.zeros((len(split), model.config.num_labels), np.float32)
     start = time.perf_counter()
     for rows, batch in chunks:

@@ -39,6 +39,7 @@ def test_analyze_writes_tables_figures_and_held_out_numbers(tiny_runs, capsys):
                  "exit_histograms.png", "wall_saving.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "analysis.json").read_text())
+    assert json.dumps(result, indent=1) + "\n" == (out / "analysis.json").read_text()  # main() returns what it wrote
     assert saved["command"].startswith("python infer/analyze.py") and saved["n"] == 60
     logits = np.load(out / "logits.npy")
     labels = np.asarray([int(line.rsplit("\t", 1)[1]) for line in
