@@ -12,7 +12,9 @@ holds `num_hidden_groups` layer entries that the L layers share.
 
 The encoder runs whole (`MultiExitEncoder.__call__`) or piecewise (`embed` once, then
 `layer_ramp_step` with layer i's and ramp i's parameters passed in), so one compiled step
-serves every layer.
+serves every layer. The early-exit runners use `first_exit_step` / `exit_step`, which compute a
+layer at the first token for its ramp first and finish it for the other tokens only when the
+input goes on (see below).
 """
 
 from __future__ import annotations
@@ -96,19 +98,25 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head scaled dot-product attention (`attention/self` in BERT)."""
+    """Multi-head scaled dot-product attention (`attention/self` in BERT).
+
+    Returns `(context, (keys, values))`. `queries` (rows of `h`, default all of them) are the
+    positions that attend; `kv`, when given, are `h`'s keys and values computed before (the
+    early-exit steps compute them once for the first token and reuse them for the rest).
+    """
 
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, h, bias, deterministic: bool = True):
+    def __call__(self, h, bias, deterministic: bool = True, queries=None, kv=None):
         cfg = self.cfg
         heads = cfg.num_attention_heads
         head_dim = cfg.hidden_size // heads
         split = lambda x: x.reshape(x.shape[:-1] + (heads, head_dim))  # noqa: E731
-        q = split(_dense(cfg, cfg.hidden_size, "query")(h))
-        k = split(_dense(cfg, cfg.hidden_size, "key")(h))
-        v = split(_dense(cfg, cfg.hidden_size, "value")(h))
+        q = split(_dense(cfg, cfg.hidden_size, "query")(h if queries is None else queries))
+        if kv is None:
+            kv = (split(_dense(cfg, cfg.hidden_size, "key")(h)), split(_dense(cfg, cfg.hidden_size, "value")(h)))
+        k, v = kv
         if deterministic or cfg.attention_probs_dropout_prob == 0:
             # XLA's fused attention (same math, scale 1/sqrt(d)); about 30% faster on CPU.
             mask_value = jnp.finfo(q.dtype).min  # the f32 minimum would overflow float16 to -inf
@@ -118,7 +126,7 @@ class SelfAttention(nn.Module):
             probs = jax.nn.softmax(scores + bias, axis=-1)
             probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
             context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-        return context.reshape(context.shape[:-2] + (cfg.hidden_size,))
+        return context.reshape(context.shape[:-2] + (cfg.hidden_size,)), kv
 
 
 class ResidualOutput(nn.Module):
@@ -137,9 +145,10 @@ class Attention(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, h, bias, deterministic: bool = True):
-        context = SelfAttention(self.cfg, name="self")(h, bias, deterministic)
-        return ResidualOutput(self.cfg, name="output")(context, h, deterministic)
+    def __call__(self, h, bias, deterministic: bool = True, queries=None, kv=None):
+        context, kv = SelfAttention(self.cfg, name="self")(h, bias, deterministic, queries, kv)
+        residual = h if queries is None else queries
+        return ResidualOutput(self.cfg, name="output")(context, residual, deterministic), kv
 
 
 class FeedForward(nn.Module):
@@ -153,15 +162,20 @@ class FeedForward(nn.Module):
 
 
 class Layer(nn.Module):
-    """One post-LayerNorm transformer layer."""
+    """One post-LayerNorm transformer layer.
+
+    `queries` / `kv` as in `SelfAttention`: with `queries`, the layer's output at those rows only;
+    `return_kv` also returns the keys and values of `h` that the layer used.
+    """
 
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, h, bias, deterministic: bool = True):
-        a = Attention(self.cfg, name="attention")(h, bias, deterministic)
+    def __call__(self, h, bias, deterministic: bool = True, queries=None, kv=None, return_kv: bool = False):
+        a, kv = Attention(self.cfg, name="attention")(h, bias, deterministic, queries, kv)
         i = FeedForward(self.cfg, name="intermediate")(a)
-        return ResidualOutput(self.cfg, name="output")(i, a, deterministic)
+        out = ResidualOutput(self.cfg, name="output")(i, a, deterministic)
+        return (out, kv) if return_kv else out
 
 
 class Pooler(nn.Module):
@@ -293,3 +307,43 @@ def layer_ramp_step(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden,
     rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 1)}
     logits = Ramp(cfg).apply({"params": ramp_p}, h[:, 0], deterministic=rng is None, rngs=rngs)
     return h, logits
+
+
+# ---- early-exit steps: a ramp needs only its layer's first token -------------------------------------
+# Ramp i reads layer i's output at the first token, which takes layer i's keys and values over all
+# tokens but its query, attention and feed-forward at one position only. The exit steps compute
+# that first (about a sixth of a layer: the K and V projections) and finish layer i for the other
+# tokens, reusing those keys and values, only once the input has not exited at ramp i: at the step
+# of layer i+1. An input exiting at layer m so costs (m - 1) layers and m K/V projections, not m
+# layers; XLA makes the same saving in the dense model, whose last layer is needed at one token.
+# It reads the layer's weights twice, though, which costs more than it saves on small batches
+# (`first_token_steps`). Deterministic (inference) only; `layer_ramp_step` is the plain step.
+def first_token_steps(shape: tuple[int, int], from_tokens: int) -> bool:
+    """Whether a batch of `shape` (rows, length) takes the first-token steps (at least
+    `from_tokens` tokens); otherwise the plain `layer_ramp_step` per layer."""
+    return shape[0] * shape[1] >= from_tokens
+
+
+def _first_token_exit(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden, bias):
+    out, kv = Layer(cfg).apply({"params": layer_p}, hidden, bias, queries=hidden[:, :1], return_kv=True)
+    return kv, Ramp(cfg).apply({"params": ramp_p}, out[:, 0])
+
+
+def first_exit_step(cfg: EncoderConfig, params: Params, batch: dict):
+    """Embeddings, then layer 1 at the first token and ramp 1: returns `(carry, bias, logits [B, C])`.
+
+    `carry = (hidden, kv)`: layer 1's input over all tokens and its keys and values, which
+    `exit_step` needs to finish layer 1.
+    """
+    hidden, bias = embed(cfg, params, batch)
+    kv, logits = _first_token_exit(cfg, layer_params(cfg, params, 0), ramp_params(cfg, params, 0), hidden, bias)
+    return (hidden, kv), bias, logits
+
+
+def exit_step(cfg: EncoderConfig, prev_p: Params, layer_p: Params, ramp_p: Params, carry, bias):
+    """Layer i (i >= 2): finish layer i-1 (`prev_p`) for every token, then layer i at the first
+    token and ramp i. Returns `(carry, logits [B, C])`. One compiled step serves every layer."""
+    hidden, kv = carry
+    hidden = Layer(cfg).apply({"params": prev_p}, hidden, bias, kv=kv)
+    kv, logits = _first_token_exit(cfg, layer_p, ramp_p, hidden, bias)
+    return (hidden, kv), logits

@@ -1,8 +1,10 @@
 """Early-exit inference runners. All four give the same exits for the same policy:
 
-* `run_latency`  (the papers' setting) one input at a time: the jitted embedding step, then the
-  jitted layer+ramp step (compiled once for every layer); the host reads ramp i's logits and
-  decides before dispatching layer i+1.
+* `run_latency`  (the papers' setting) one input at a time: the jitted first step (embeddings,
+  layer 1, ramp 1), then the jitted layer+ramp step (compiled once for every layer); the host
+  reads ramp i's logits and decides before dispatching layer i+1. Both are
+  `EarlyExitModel.ramp_steps`: a layer is computed at the first token for its ramp and finished
+  for the other tokens only when the input goes on (`modeling.exit_step`).
 * `run_batched`  many inputs: rows that exit leave the batch, the rest continue in a smaller
   bucketed batch (row counts are multiples of B/8, and powers of two below that, so at most
   8 + log2(B/8) row shapes compile per input length).
@@ -58,10 +60,8 @@ def _check(policy: Policy, model: EarlyExitModel) -> None:
 # ---- latency: batch 1, host decisions -----------------------------------------------------------
 def exit_one(model: EarlyExitModel, policy: Policy, batch: dict) -> tuple[int, np.ndarray]:
     """One input (`batch` of one row): returns (exit layer, that ramp's logits [C])."""
-    hidden, bias = model.embed_step(model.params, batch)
     state = policies.init_state(policy, 1)
-    for layer in range(1, model.num_layers + 1):
-        hidden, z = model.layer_step(model.layer_params(layer - 1), model.ramp_params(layer - 1), hidden, bias)
+    for layer, z in enumerate(model.ramp_steps(batch), start=1):
         z = np.asarray(z)  # the host waits for ramp `layer` and decides before the next dispatch
         state, exits = policies.step(policy, state, z, layer)
         if exits[0]:
@@ -120,21 +120,16 @@ def _row_bucket(n: int, cap: int) -> int:
     return next(b for b in row_buckets(cap) if b >= n)
 
 
-@jax.jit
-def _gather(tree, index):  # one compile per row bucket: the index's length is part of its shape
-    return jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=0), tree)
-
-
 def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `real` rows of `batch`: (exit layers [real], exit logits [real, C])."""
     size = batch["input_ids"].shape[0]
-    hidden, bias = model.embed_step(model.params, batch)
     state = policies.init_state(policy, size)
     rows = np.arange(size)  # which original row each position of the current batch holds
     layers = np.zeros(size, np.int64)
     logits = np.zeros((size, model.config.num_labels), np.float32)
-    for layer in range(1, model.num_layers + 1):
-        hidden, z = model.layer_step(model.layer_params(layer - 1), model.ramp_params(layer - 1), hidden, bias)
+    steps = model.ramp_steps(batch)
+    z = next(steps)
+    for layer in range(1, model.num_layers + 1):  # every row has exited after layer L: the loop breaks
         z = np.asarray(z)
         state, exits = policies.step(policy, state, z, layer)
         if layer == model.num_layers:
@@ -147,9 +142,11 @@ def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int) ->
         bucket = _row_bucket(keep.size, size)
         keep = np.concatenate([keep, np.full(bucket - keep.size, keep[0])])  # filler repeats a live row
         if bucket != len(rows) or not np.array_equal(keep, np.arange(len(rows))):
-            hidden, bias = _gather((hidden, bias), jnp.asarray(keep))
+            z = steps.send(jnp.asarray(keep))  # the device keeps these rows for the next layer
             state = policies.take_rows(state, keep)
             rows = rows[keep]
+        else:
+            z = next(steps)
     return layers[:real], logits[:real]
 
 
@@ -200,32 +197,40 @@ def stacked_layers(model: EarlyExitModel):
     return stack([model.layer_params(i) for i in range(L)]), stack([model.ramp_params(i) for i in range(L)])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def device_exits(cfg, params, layers, ramps, batch, policy: Policy):
-    """Exit loop on the device: returns (exit_layer [B], exit logits [B, C])."""
-    hidden, bias = modeling.embed(cfg, params, batch)
-    size = hidden.shape[0]
+@functools.partial(jax.jit, static_argnames=("cfg", "first_token"))
+def device_exits(cfg, params, layers, ramps, batch, policy: Policy, first_token: bool = False):
+    """Exit loop on the device, with the same steps as `EarlyExitModel.ramp_steps` (`first_token`:
+    the first-token exit steps, else the plain layer step): returns (exit_layer [B], logits [B, C])."""
     L = cfg.num_hidden_layers
+    at = lambda tree, i: jax.tree_util.tree_map(lambda x: x[i], tree)  # noqa: E731
+    if first_token:
+        carry, bias, z = modeling.first_exit_step(cfg, params, batch)
+        step = lambda layer, carry: modeling.exit_step(  # noqa: E731
+            cfg, at(layers, layer - 1), at(layers, layer), at(ramps, layer), carry, bias)
+    else:
+        carry, bias = modeling.embed(cfg, params, batch)
+        step = lambda layer, carry: modeling.layer_ramp_step(  # noqa: E731
+            cfg, at(layers, layer), at(ramps, layer), carry, bias)
+        carry, z = step(0, carry)
 
-    def body(carry):
-        layer, hidden, state, exit_layer, chosen = carry
-        lp = jax.tree_util.tree_map(lambda x: x[layer], layers)
-        rp = jax.tree_util.tree_map(lambda x: x[layer], ramps)
-        hidden, z = modeling.layer_ramp_step(cfg, lp, rp, hidden, bias)
-        state, exits = policies.step(policy, state, z, layer + 1, jnp)
-        exits = exits | (layer + 1 == L)
-        fresh = exits & (exit_layer == 0)
-        exit_layer = jnp.where(fresh, layer + 1, exit_layer)
-        chosen = jnp.where(fresh[:, None], z, chosen)
-        return layer + 1, hidden, state, exit_layer, chosen
+    def decide(layer, z, state, exit_layer, chosen):  # layer: 1-based, traced
+        state, exits = policies.step(policy, state, z, layer, jnp)
+        fresh = (exits | (layer == L)) & (exit_layer == 0)
+        return state, jnp.where(fresh, layer, exit_layer), jnp.where(fresh[:, None], z, chosen)
 
-    def cond(carry):
-        layer, _, _, exit_layer, _ = carry
+    def body(loop):
+        layer, carry, state, exit_layer, chosen = loop  # `layer` ramps decided so far
+        carry, z = step(layer, carry)
+        return (layer + 1, carry, *decide(layer + 1, z, state, exit_layer, chosen))
+
+    def cond(loop):
+        layer, _, _, exit_layer, _ = loop
         return (layer < L) & jnp.any(exit_layer == 0)
 
-    init = (jnp.int32(0), hidden, policies.init_state(policy, size, jnp), jnp.zeros(size, jnp.int32),
-            jnp.zeros((size, cfg.num_labels), jnp.float32))
-    _, _, _, exit_layer, chosen = lax.while_loop(cond, body, init)
+    size = z.shape[0]
+    state, exit_layer, chosen = decide(jnp.int32(1), z, policies.init_state(policy, size, jnp),
+                                       jnp.zeros(size, jnp.int32), jnp.zeros((size, cfg.num_labels), jnp.float32))
+    _, _, _, exit_layer, chosen = lax.while_loop(cond, body, (jnp.int32(1), carry, state, exit_layer, chosen))
     return exit_layer, chosen
 
 
@@ -234,7 +239,9 @@ def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, ba
     _check(policy, model)
     layers_p, ramps_p = stacked_layers(model)
     chunks = _chunks(model, split, batch_size)
-    run = lambda b: device_exits(model.config, model.params, layers_p, ramps_p, b, policy)  # noqa: E731
+    run = lambda b: device_exits(model.config, model.params, layers_p, ramps_p, b, policy,  # noqa: E731
+                                 first_token=modeling.first_token_steps(b["input_ids"].shape,
+                                                                        model.first_token_steps_from))
     warm_up(lambda b: jax.block_until_ready(run(b)), [b for _, b in chunks], warmup)
     layers, logits = np.zeros(len(split), np.int64), np.zeros((len(split), model.config.num_labels), np.float32)
     start = time.perf_counter()
@@ -246,11 +253,9 @@ def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, ba
 
 # ---- offline: every ramp's logits, once -----------------------------------------------------------
 def cached_logits(model: EarlyExitModel, split: EncodedSplit, batch_size: int = 64) -> np.ndarray:
-    """Every ramp's logits `[L, N, C]` through the same jitted layer step the live runners use."""
+    """Every ramp's logits `[L, N, C]` through the same jitted early-exit steps the live runners use."""
     out = np.zeros((model.num_layers, len(split), model.config.num_labels), np.float32)
     for rows, batch in _chunks(model, split, batch_size):
-        hidden, bias = model.embed_step(model.params, batch)
-        for layer in range(model.num_layers):
-            hidden, z = model.layer_step(model.layer_params(layer), model.ramp_params(layer), hidden, bias)
+        for layer, z in enumerate(model.ramp_steps(batch)):
             out[layer, rows] = np.asarray(z)[: len(rows)]
     return out

@@ -58,6 +58,49 @@ def test_piecewise_equals_whole_tiny(overrides):
     np.testing.assert_allclose(logits, model.ramp_logits(batch), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("from_tokens", [0, 10**9])
+def test_ramp_steps_equal_whole_minilm(minilm, from_tokens):
+    # from_tokens=0: the first-token exit steps (a layer at the first token for its ramp, then the
+    # rest); 10**9: the plain layer step.
+    model = EarlyExitModel(minilm.config, minilm.params, minilm.tokenizer)
+    model.first_token_steps_from = from_tokens
+    batch = model.tokenize(sst2_parity_sentences())
+    np.testing.assert_allclose(np.stack(list(model.ramp_steps(batch))), model.ramp_logits(batch), atol=1e-5, rtol=0)
+    assert (model.exit_step._cache_size() == 1) == (from_tokens == 0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(ramp_pooler="shared"), dict(arch="albert", embedding_size=16, num_hidden_groups=2),
+     dict(arch="roberta", pad_token_id=1, type_vocab_size=1), dict(num_hidden_layers=1)],
+)
+def test_exit_steps_equal_whole_tiny_and_compile_once(overrides):
+    model = EarlyExitModel.from_config(tiny_config(**overrides))
+    model.first_token_steps_from = 0
+    batch = tiny_batch(pad=model.config.pad_token_id)
+    logits = np.stack(list(model.ramp_steps(batch)))
+    np.testing.assert_allclose(logits, model.ramp_logits(batch), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits[-1], model.final_logits(batch), atol=1e-5, rtol=0)
+    list(model.ramp_steps(batch))
+    assert model.first_exit_step._cache_size() == 1
+    assert model.exit_step._cache_size() == (1 if model.num_layers > 1 else 0)
+
+
+@pytest.mark.parametrize("from_tokens", [0, 10**9])
+def test_ramp_steps_keep_the_rows_sent(from_tokens):
+    model = EarlyExitModel.from_config(tiny_config())
+    model.first_token_steps_from = from_tokens
+    batch = tiny_batch()
+    whole = model.ramp_logits(batch)
+    steps = model.ramp_steps(batch)
+    np.testing.assert_allclose(next(steps), whole[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(steps.send(np.array([2, 0])), whole[1][[2, 0]], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(steps.send(np.array([1])), whole[2][[0]], atol=1e-5, rtol=0)  # row 1 of [2, 0]
+    np.testing.assert_allclose(next(steps), whole[3][[0]], atol=1e-5, rtol=0)
+    with pytest.raises(StopIteration):
+        next(steps)
+
+
 @pytest.mark.parametrize("overrides", [{}, dict(ramp_pooler="shared"), dict(arch="albert", embedding_size=16)])
 def test_layer_step_compiles_once_for_all_layers(overrides):
     model = EarlyExitModel.from_config(tiny_config(num_hidden_layers=6, **overrides))

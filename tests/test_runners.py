@@ -68,6 +68,8 @@ def test_zero_threshold_reproduces_the_full_model(setup, name, params):
 
 def test_every_mode_equals_the_offline_simulation(setup):
     model, split, cached = setup
+    first_token = EarlyExitModel(model.config, model.params, model.tokenizer)
+    first_token.first_token_steps_from = 0  # every batch takes the first-token exit steps
     spread = set()
     for name, params in settings(cached):
         policy = _policy(model, name, params)
@@ -78,6 +80,8 @@ def test_every_mode_equals_the_offline_simulation(setup):
             ("batched", runners.run_batched(model, policy, split, batch_size=16, warmup=0)),
             ("device-1", runners.run_on_device(model, policy, split, batch_size=1, warmup=0)),
             ("device-16", runners.run_on_device(model, policy, split, batch_size=16, warmup=0)),
+            ("batched, first-token steps", runners.run_batched(first_token, policy, split, batch_size=16, warmup=0)),
+            ("device-16, first-token steps", runners.run_on_device(first_token, policy, split, batch_size=16, warmup=0)),
         ]:
             np.testing.assert_array_equal(result.exit_layer, want.exit_layer, err_msg=f"{mode} {policy}")
             np.testing.assert_array_equal(result.prediction, want.prediction, err_msg=f"{mode} {policy}")
@@ -89,10 +93,11 @@ def test_latency_runner_compiles_its_layer_step_once(setup):
     fresh = EarlyExitModel(model.config, model.params, model.tokenizer)
     lengths = {fresh.tokenizer.bucket_length(len(r)) for r in split.rows}
     runners.run_latency(fresh, _policy(fresh, "pcee", dict(patience=2, tau=0.5)), split, warmup=0)
-    assert fresh.layer_step._cache_size() == len(lengths)  # once per input length bucket, not per layer
+    # once per input length bucket, not per layer (batch 1 takes the plain layer step)
+    assert fresh.layer_step._cache_size() == fresh.embed_step._cache_size() == len(lengths)
+    assert fresh.exit_step._cache_size() == 0
     one_bucket = [i for i, r in enumerate(split.rows) if fresh.tokenizer.bucket_length(len(r)) == min(lengths)]
     again = EarlyExitModel(model.config, model.params, model.tokenizer)
-    sub = batches.EncodedSplit([split.rows[i] for i in one_bucket], [split.types[i] for i in one_bucket],
-                               split.labels[one_bucket], split.idx[one_bucket])
+    sub = split.take(one_bucket)
     runners.run_latency(again, _policy(again, "static", dict(k=6)), sub, warmup=0)
     assert again.layer_step._cache_size() == 1
