@@ -223,9 +223,9 @@ def tables(analyses: list[dict], command: str = "") -> str:
     out = []
     if command:
         out += [f"Made by: `{command}`", ""]
-    halves = {a["halves"] for a in analyses}
+    halves = {(a["tsv_dir"], a["halves"].replace("thresholds chosen on inputs", "chosen on")) for a in analyses}
     out += ["Thresholds are chosen on the first half of dev and reported on the second half "
-            f"({'; '.join(sorted(halves))}). Scores in points of the task's metric; cells are "
+            f"({'; '.join(f'{task}: {h}' for task, h in sorted(halves))}). Scores in points of the task's metric; cells are "
             "`score (saving %)`; `a ± b` is the mean and standard deviation over seeds.", ""]
     for scheme in sorted({a["scheme"] for a in analyses}):
         groups = _group(analyses, scheme)

@@ -65,6 +65,7 @@ def test_tables_report_mean_and_spread_over_seeds(tiny_runs):
     full = [100 * r["full_score_heldout"] for r in results]
     assert f"| SST-2 (accuracy, entropy) | 2 | {np.mean(full):.1f} ± {np.std(full, ddof=1):.1f} |" in text
     assert "static (reference)" in text and "Made by: `cmd`" in text
+    assert "(SST-2: chosen on [0, 30), reported on [30, 60))" in text  # one entry per task, not per run
 
 
 def test_analyze_refuses_missing_paths(tiny_runs):
