@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -203,11 +204,22 @@ def _pts(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def _group(analyses: list[dict], scheme: str | None = None) -> dict[str, list[dict]]:
+def _setup(analysis: dict) -> str:
+    """The run's name without a `-s<seed>` suffix: runs named `<setup>-s<seed>` (as
+    results/train_minilm.sh names them) are seeds of `<setup>`."""
+    return re.sub(r"-s\d+$", "", Path(analysis["checkpoint"]).name)
+
+
+def _group(analyses: list[dict], scheme: str) -> dict[str, list[dict]]:
+    """Runs of `scheme` by task, and by setup (shown with the task) where a task has several."""
+    runs = [a for a in analyses if a["scheme"] == scheme]
+    setups = defaultdict(set)
+    for a in runs:
+        setups[a["tsv_dir"]].add(_setup(a))
     groups = defaultdict(list)
-    for a in analyses:
-        if scheme is None or a["scheme"] == scheme:
-            groups[a["tsv_dir"]].append(a)
+    for a in runs:
+        label = a["tsv_dir"] if len(setups[a["tsv_dir"]]) == 1 else f"{a['tsv_dir']} `{_setup(a)}`"
+        groups[label].append(a)
     return dict(groups)
 
 

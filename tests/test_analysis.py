@@ -66,6 +66,12 @@ def test_tables_report_mean_and_spread_over_seeds(tiny_runs):
     assert f"| SST-2 (accuracy, entropy) | 2 | {np.mean(full):.1f} ± {np.std(full, ddof=1):.1f} |" in text
     assert "static (reference)" in text and "Made by: `cmd`" in text
     assert "(SST-2: chosen on [0, 30), reported on [30, 60))" in text  # one entry per task, not per run
+    # Runs named <setup>-s<seed> are seeds of one setup; another setup of the task gets its own rows.
+    loaded = analysis.load_analyses([root / "seed1", root / "seed2"])
+    other = dict(loaded[0], checkpoint="runs/other-setup")
+    text = analysis.tables(loaded + [other])
+    assert "| SST-2 `joint` (accuracy, entropy) | 2 |" in text
+    assert "| SST-2 `other-setup` (accuracy, entropy) | 1 |" in text
 
 
 def test_analyze_refuses_missing_paths(tiny_runs):
