@@ -74,9 +74,10 @@ class EarlyExitModel:
     """
 
     # Batches of at least this many tokens (rows x length) take the first-token exit steps in
-    # `ramp_steps`. Measured on a 2-core CPU with MiniLM: 1.1-1.75x slower than the plain step
-    # up to 512 tokens (batch 1: weight reads dominate), 0.86x at 64 x 64.
-    first_token_steps_from = 2048
+    # `ramp_steps`. Measured on a 2-core CPU with MiniLM (results/exit_steps.md, every row exiting
+    # at layer 4): 1.18x the plain steps' time at 1 x 16 and 1.08x at 1 x 64 (weight reads
+    # dominate), 0.94x at 16 x 32, 0.78x at 64 x 64, 0.85x at 128 x 64.
+    first_token_steps_from = 512
 
     def __init__(self, config: EncoderConfig, params: dict, tokenizer: Tokenizer | None = None,
                  source: str | None = None):
@@ -176,7 +177,7 @@ class EarlyExitModel:
         Batches of at least `first_token_steps_from` tokens run the first-token steps
         (`modeling.first_exit_step` / `exit_step`: an input exiting at layer m pays m - 1 whole
         layers); smaller ones the plain per-layer step, because there the layer's cost is reading
-        its weights, which the first-token steps do twice (see `bench/infer_speed.py`)."""
+        its weights, which the first-token steps do twice (`bench/exit_steps.py`)."""
         batch = self._check(batch)
         if modeling.first_token_steps(batch["input_ids"].shape, self.first_token_steps_from):
             carry, bias, logits = self.first_exit_step(self.params, batch)
