@@ -235,9 +235,10 @@ def tables(analyses: list[dict], command: str = "") -> str:
     out = []
     if command:
         out += [f"Made by: `{command}`", ""]
-    halves = {(a["tsv_dir"], a["halves"].replace("thresholds chosen on inputs", "chosen on")) for a in analyses}
+    sizes = sorted({(a["tsv_dir"], a["n"]) for a in analyses})  # `analyze` splits N inputs at N // 2
+    halves = "; ".join(f"{task}: chosen on [0, {n // 2}), reported on [{n // 2}, {n})" for task, n in sizes)
     out += ["Thresholds are chosen on the first half of dev and reported on the second half "
-            f"({'; '.join(f'{task}: {h}' for task, h in sorted(halves))}). Scores in points of the task's metric; cells are "
+            f"({halves}). Scores in points of the task's metric; cells are "
             "`score (saving %)`; `a ± b` is the mean and standard deviation over seeds.", ""]
     for scheme in sorted({a["scheme"] for a in analyses}):
         groups = _group(analyses, scheme)

@@ -75,8 +75,8 @@ class EarlyExitModel:
 
     # Batches of at least this many tokens (rows x length) take the first-token exit steps in
     # `ramp_steps`. Measured on a 2-core CPU with MiniLM (results/exit_steps.md, every row exiting
-    # at layer 4): 1.18x the plain steps' time at 1 x 16 and 1.08x at 1 x 64 (weight reads
-    # dominate), 0.94x at 16 x 32, 0.78x at 64 x 64, 0.85x at 128 x 64.
+    # at layer 4): 1.22x the plain steps' time at 1 x 16 and 1.07x at 1 x 64 (weight reads
+    # dominate), 0.98x at 8 x 32, 0.90x at 16 x 32, 0.82x at 64 x 64, 0.79x at 128 x 64.
     first_token_steps_from = 512
 
     def __init__(self, config: EncoderConfig, params: dict, tokenizer: Tokenizer | None = None,
@@ -179,7 +179,7 @@ class EarlyExitModel:
         layers); smaller ones the plain per-layer step, because there the layer's cost is reading
         its weights, which the first-token steps do twice (`bench/exit_steps.py`)."""
         batch = self._check(batch)
-        if modeling.first_token_steps(batch["input_ids"].shape, self.first_token_steps_from):
+        if self.first_token_steps(batch["input_ids"].shape):
             carry, bias, logits = self.first_exit_step(self.params, batch)
             step = lambda layer, carry, bias: self.exit_step(  # noqa: E731
                 self.layer_params(layer - 1), self.layer_params(layer), self.ramp_params(layer), carry, bias)
@@ -194,6 +194,11 @@ class EarlyExitModel:
                 carry, bias = _take_rows((carry, bias), rows)
             carry, logits = step(layer, carry, bias)
         yield logits
+
+    def first_token_steps(self, shape: tuple[int, int]) -> bool:
+        """Whether a batch of `shape` (rows, length) runs the first-token exit steps (at least
+        `first_token_steps_from` tokens) rather than the plain layer step, on host and device."""
+        return shape[0] * shape[1] >= self.first_token_steps_from
 
     def layer_params(self, layer: int) -> dict:
         return modeling.layer_params(self.config, self.params, layer)

@@ -317,13 +317,8 @@ def layer_ramp_step(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden,
 # of layer i+1. An input exiting at layer m so costs (m - 1) layers and m K/V projections, not m
 # layers; XLA makes the same saving in the dense model, whose last layer is needed at one token.
 # It reads the layer's weights twice, though, which costs more than it saves on small batches
-# (`first_token_steps`). Deterministic (inference) only; `layer_ramp_step` is the plain step.
-def first_token_steps(shape: tuple[int, int], from_tokens: int) -> bool:
-    """Whether a batch of `shape` (rows, length) takes the first-token steps (at least
-    `from_tokens` tokens); otherwise the plain `layer_ramp_step` per layer."""
-    return shape[0] * shape[1] >= from_tokens
-
-
+# (`EarlyExitModel.first_token_steps`). Deterministic (inference) only; `layer_ramp_step` is the
+# plain step.
 def _first_token_exit(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden, bias):
     out, kv = Layer(cfg).apply({"params": layer_p}, hidden, bias, queries=hidden[:, :1], return_kv=True)
     return kv, Ramp(cfg).apply({"params": ramp_p}, out[:, 0])

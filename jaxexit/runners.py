@@ -240,8 +240,7 @@ def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, ba
     layers_p, ramps_p = stacked_layers(model)
     chunks = _chunks(model, split, batch_size)
     run = lambda b: device_exits(model.config, model.params, layers_p, ramps_p, b, policy,  # noqa: E731
-                                 first_token=modeling.first_token_steps(b["input_ids"].shape,
-                                                                        model.first_token_steps_from))
+                                 first_token=model.first_token_steps(b["input_ids"].shape))
     warm_up(lambda b: jax.block_until_ready(run(b)), [b for _, b in chunks], warmup)
     layers, logits = np.zeros(len(split), np.int64), np.zeros((len(split), model.config.num_labels), np.float32)
     start = time.perf_counter()
