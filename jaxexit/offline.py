@@ -194,8 +194,8 @@ def default_grid(name: str, num_layers: int, num_labels: int) -> list[dict]:
         raise ValueError(f"policy {name!r} does not apply to regression (num_labels=1)")
     if name == "entropy":
         return [{"S": float(x * math.log(C))} for x in q]
-    if name == "maxprob":
-        return [{"t": float(1.0 - x * (1.0 - 1.0 / C))} for x in q[::-1]]
+    if name == "maxprob":  # from 1 / C (exactly: the range's end) up to 1
+        return [{"t": 1.0 / C if x == 1.0 else float(1.0 - x * (1.0 - 1.0 / C))} for x in q[::-1]]
     if name == "pcee":
         taus = np.linspace(0.0, 1.0, 41) ** 2
         return [{"patience": p, "tau": float(tau)} for p in range(1, max(L, 2)) for tau in taus]

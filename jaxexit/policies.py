@@ -13,6 +13,10 @@ Layers are 1-based (`layer = 1..L`). `step` returns the rows whose exit conditio
 layer; no exit fires at layer `L` (an input that never exits uses ramp `L`). The caller keeps the
 first layer at which a row exits (`first_exit`).
 
+Every measure a policy thresholds is computed in float64 in every mode (on the device inside
+`jax.enable_x64`), thresholds included, and the ends of each range are exact; see "per-ramp
+measures" below.
+
 Policies (DESIGN.md, "Exit policies"), with `p = softmax(z)`, `C` classes:
   entropy(S)            exit when H(p) < S (nats)                              DeeBERT, BranchyNet
   pcee(patience, tau)   k = k + 1 if H(p) / ln C < tau else 0; exit at k = patience   PCEE-BERT
@@ -24,6 +28,7 @@ Policies (DESIGN.md, "Exit policies"), with `p = softmax(z)`, `C` classes:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -87,19 +92,52 @@ def make_policy(name: str, num_layers: int, num_labels: int, **params) -> Policy
     return Policy(name, num_layers, num_labels, tuple(params.items()))
 
 
+FLOAT_PARAMS = ("S", "tau", "t", "delta")  # thresholds; the others are integers (patience, k)
+
+
 def _flatten(p: Policy):
+    # Thresholds travel as the two 32-bit halves of their float64 bit pattern: outside x64, jit
+    # would turn a float leaf into float32, and `threshold` could not compare at float64.
     keys = tuple(k for k, _ in p.params)
-    return [v for _, v in p.params], (p.name, p.num_layers, p.num_labels, keys)
+    leaves = [_to_bits(v) if k in FLOAT_PARAMS else v for k, v in p.params]
+    return leaves, (p.name, p.num_layers, p.num_labels, keys)
 
 
 def _unflatten(aux, leaves) -> Policy:
-    # Bypasses validation: under jit the leaves are tracers (or jax's placeholders).
+    # Bypasses validation: under jit the leaves are tracers (or jax's placeholders); concrete bit
+    # patterns (a tree_map over a Policy) turn back into floats.
     name, num_layers, num_labels, keys = aux
+    values = [_from_bits_host(v) if k in FLOAT_PARAMS else v for k, v in zip(keys, leaves)]
     p = object.__new__(Policy)
     for field, value in (("name", name), ("num_layers", num_layers), ("num_labels", num_labels),
-                         ("params", tuple(zip(keys, leaves)))):
+                         ("params", tuple(zip(keys, values)))):
         object.__setattr__(p, field, value)
     return p
+
+
+def _to_bits(value) -> np.ndarray:
+    if isinstance(value, (np.ndarray, jax.Array)) or not isinstance(value, numbers.Real):
+        return value  # already bits (or a placeholder object of jax's)
+    bits = int(np.float64(value).view(np.uint64))
+    return np.array([bits >> 32, bits & 0xFFFFFFFF], np.uint32)
+
+
+def _from_bits_host(leaf):
+    if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "shape") or np.shape(leaf) != (2,):
+        return leaf
+    hi, lo = (int(x) for x in np.asarray(leaf, np.uint64))
+    return float(np.uint64((hi << 32) | lo).view(np.float64))
+
+
+def threshold(policy: Policy, key: str, xp=np):
+    """Float parameter `key` at float64: a Python float on the host; on the device (inside
+    `jax.enable_x64`, as `step` runs) a float64 scalar, decoded from its bit pattern when the
+    policy was passed through `jit` as an argument."""
+    value = policy[key]
+    if xp is np or isinstance(value, numbers.Real):
+        return value if xp is np else jnp.float64(value)
+    bits = jnp.asarray(value).astype(jnp.uint64)
+    return lax.bitcast_convert_type((bits[0] << 32) | bits[1], jnp.float64)
 
 
 jax.tree_util.register_pytree_node(Policy, _flatten, _unflatten)
@@ -150,44 +188,77 @@ def _real(key: str, value, low: float, high: float) -> float:
 
 
 # ---- per-ramp measures (shared by step and the offline closed form) ------------------------------
-def _float(logits, xp):
-    # numpy computes in float64 (cheap, and host and offline agree bit for bit); jnp in its
-    # default float, so the step traces without x64.
-    if xp is np:
-        return np.ascontiguousarray(logits, dtype=np.float64)
-    return xp.asarray(logits, dtype=jnp.result_type(float))
+# DESIGN.md: every measure a policy thresholds is computed at one precision in every mode, so that
+# a threshold at the edge of its range gives the same exits on host, device and offline. That
+# precision is float64: in float32 a near-uniform ramp output (logits ~1e-3 apart) has a
+# normalised entropy within an ulp of 1.0, and XLA's and numpy's float32 exp/log, or XLA's at two
+# batch shapes, round it to either side of tau = 1. On the device the measures run inside
+# `jax.enable_x64` (a few [B, C] operations per layer); float64 logits differences of ~1e-3 put
+# them ~1e9 ulps from the ends of the range.
+# The ends themselves are exact: a uniform row (all logits equal) has H = ln C, H / ln C = 1 and
+# max p = 1 / C exactly, and every other row lies strictly inside (H < ln C, H / ln C < 1,
+# max p > 1 / C), as it does in exact arithmetic, so rounding cannot decide S = ln C, tau = 1 or
+# t = 1 / C differently in two modes. (H >= 0 and max p <= 1 hold by construction.)
+def _x64(xp):
+    return jax.enable_x64(True) if xp is not np else contextlib.nullcontext()
+
+
+def _float64(logits, xp):
+    return xp.asarray(logits).astype(xp.float64)
+
+
+def _uniform(logits, xp):
+    z = xp.asarray(logits)
+    return xp.max(z, axis=-1) == xp.min(z, axis=-1)
+
+
+def _pin(value, logits, xp, at: float, inside: float):
+    """`at` for uniform rows; every other row's value clipped to `inside` (one ulp within `at`)."""
+    clip = xp.minimum if inside < at else xp.maximum
+    return xp.where(_uniform(logits, xp), at, clip(value, inside))
 
 
 def log_softmax(logits, xp=np):
-    """Stable log-softmax over the last axis: finite for huge logits, -inf only where p = 0.
+    """Stable log-softmax over the last axis in float64: finite for huge logits, -inf only where p = 0.
 
     A row needs one finite logit; +inf or all -inf give NaN, which passes no threshold.
     """
-    z = _float(logits, xp)
-    s = z - xp.max(z, axis=-1, keepdims=True)
-    return s - xp.log(xp.sum(xp.exp(s), axis=-1, keepdims=True))
+    with _x64(xp):
+        z = _float64(logits, xp)
+        s = z - xp.max(z, axis=-1, keepdims=True)
+        return s - xp.log(xp.sum(xp.exp(s), axis=-1, keepdims=True))
 
 
 def entropy(logits, xp=np):
-    """H(softmax(z)) in nats over the last axis; 0 * log 0 counts as 0 (no NaN)."""
-    logp = log_softmax(logits, xp)
-    p = xp.exp(logp)
-    return -xp.sum(p * xp.where(p > 0, logp, 0.0), axis=-1)
+    """H(softmax(z)) in nats over the last axis, float64; 0 * log 0 counts as 0 (no NaN)."""
+    with _x64(xp):
+        logp = log_softmax(logits, xp)
+        p = xp.exp(logp)
+        h = -xp.sum(p * xp.where(p > 0, logp, 0.0), axis=-1)
+        top = math.log(logits.shape[-1])
+        return _pin(h, logits, xp, top, math.nextafter(top, 0.0))
 
 
 def normalized_entropy(logits, xp=np):
-    """H / ln C, in [0, 1] (PCEE's confidence measure)."""
-    return entropy(logits, xp) / math.log(logits.shape[-1])
+    """H / ln C, in [0, 1] (PCEE's confidence measure), float64."""
+    with _x64(xp):
+        c = entropy(logits, xp) / math.log(logits.shape[-1])
+        return _pin(c, logits, xp, 1.0, math.nextafter(1.0, 0.0))
 
 
 def max_prob(logits, xp=np):
-    return xp.exp(xp.max(log_softmax(logits, xp), axis=-1))
+    """max softmax(z) over the last axis, float64, in [1 / C, 1]."""
+    with _x64(xp):
+        m = xp.exp(xp.max(log_softmax(logits, xp), axis=-1))
+        low = 1.0 / logits.shape[-1]
+        return _pin(m, logits, xp, low, math.nextafter(low, 1.0))
 
 
 def prediction(logits, xp=np):
-    """A ramp's prediction: argmax (int32) for classification, the scalar for regression (C = 1)."""
+    """A ramp's prediction: argmax (int32) for classification, the scalar for regression (C = 1;
+    float64 on the host, the logits' own dtype on the device)."""
     if logits.shape[-1] == 1:
-        return _float(logits, xp)[..., 0]
+        return _float64(logits, xp)[..., 0] if xp is np else logits[..., 0]
     return xp.argmax(logits, axis=-1).astype(xp.int32)
 
 
@@ -198,7 +269,7 @@ def init_state(policy: Policy, batch_size: int, xp=np) -> State:
     if policy.name == "pcee":
         return {"count": zeros}
     if policy.name == "pabee":
-        prev = zeros if policy.num_labels > 1 else _float(xp.zeros(batch_size), xp)
+        prev = zeros if policy.num_labels > 1 else prediction(xp.zeros((batch_size, 1), xp.float32), xp)
         return {"count": zeros, "prev": prev}
     return {}
 
@@ -208,23 +279,34 @@ def take_rows(state: State, rows) -> State:
     return {k: v[rows] for k, v in state.items()}
 
 
+def _holds(measure, z, above: bool, policy, key, xp):
+    """`measure(z) > threshold` (above) or `< threshold`, both at float64 in every mode. On the
+    device only this runs under `jax.enable_x64`: operations whose lowering reads the x64 flag
+    (argmax's index type) stay outside, since the enclosing jit lowers after the context ends."""
+    with _x64(xp):
+        value, limit = measure(z, xp), threshold(policy, key, xp)
+        return value > limit if above else value < limit
+
+
 def _entropy(policy, state, z, layer, xp):
-    return state, entropy(z, xp) < policy["S"]
+    return state, _holds(entropy, z, False, policy, "S", xp)
 
 
 def _maxprob(policy, state, z, layer, xp):
-    return state, max_prob(z, xp) > policy["t"]
+    return state, _holds(max_prob, z, True, policy, "t", xp)
 
 
 def _pcee(policy, state, z, layer, xp):
-    count = xp.where(normalized_entropy(z, xp) < policy["tau"], state["count"] + 1, 0)
+    count = xp.where(_holds(normalized_entropy, z, False, policy, "tau", xp), state["count"] + 1, 0)
     return {"count": count}, count >= policy["patience"]  # first True is at count == patience
 
 
 def _pabee(policy, state, z, layer, xp):
     pred = prediction(z, xp)
     if policy.num_labels == 1:
-        agree = xp.abs(pred - state["prev"]) < policy["delta"]
+        # float64 difference of two float32 outputs: exact, the same in every mode
+        gap = lambda prev, xp: xp.abs(_float64(pred, xp) - _float64(prev, xp))  # noqa: E731
+        agree = _holds(gap, state["prev"], False, policy, "delta", xp)
     else:
         agree = pred == state["prev"]
     count = xp.where(agree & (layer > 1), state["count"] + 1, 0)  # layer 1 has nothing to agree with

@@ -299,3 +299,110 @@ def test_policy_is_a_hashable_record():
     assert policy == make_policy("pcee", 12, 2, patience=2, tau=0.2) and hash(policy)
     assert policy["tau"] == 0.2 and policy.as_dict() == {"policy": "pcee", "patience": 2, "tau": 0.2}
     assert str(policy) == "pcee(patience=2, tau=0.2)"
+
+
+# ---- the ends of every threshold range: one precision in every mode (DESIGN.md, Inference) -------
+def near_uniform_logits(L=6, N=1000, C=2, seed=0):
+    """Ramp outputs ~1e-3 apart (an untrained or unsure ramp), plus rows that are exactly uniform
+    at some layers and rows one float32 ulp from uniform."""
+    z = (np.random.default_rng(seed).normal(size=(L, N, C)) * 1e-3).astype(np.float32)
+    z[:, :40] = 0.25  # exactly uniform at every layer
+    z[::2, 40:80] = -3.0  # exactly uniform at odd layers only
+    z[:, 80:120] = np.float32(0.5)
+    z[:, 80:120, 0] = np.nextafter(np.float32(0.5), np.float32(1))  # one ulp apart
+    return z
+
+
+def range_ends(name, L, C):
+    """Both ends of `name`'s parameter range, the values its default sweep grid starts and ends with,
+    at every patience where the policy has one."""
+    from jaxexit import offline
+
+    grid = offline.default_grid(name, L, C)
+    values = {"entropy": [dict(S=0.0), dict(S=math.log(C))], "pcee": [dict(tau=0.0), dict(tau=1.0)],
+              "maxprob": [dict(t=1.0 / C), dict(t=1.0)], "pabee": [{} if C > 1 else dict(delta=0.0)], "static": [dict(k=1), dict(k=L)]}[name]
+    ends = [grid[0], grid[-1]] + [dict(v, patience=p) if name in ("pcee", "pabee") else v
+                                  for v in values for p in (1, 2, L)]
+    return [make_policy(name, L, C, **params) for params in ends]
+
+
+def device_exits_in_chunks(policy, logits, rows):
+    """The policy stepped inside a jitted lax.while_loop, `rows` inputs at a time (other shapes than
+    the host's), as the on-device runner does."""
+    @jax.jit
+    def loop(policy, z):
+        L, N, _ = z.shape
+
+        def body(carry):
+            layer, state, exit_layer = carry
+            state, exits = P.step(policy, state, z[layer - 1], layer, jnp)
+            return layer + 1, state, P.first_exit(exit_layer, exits, layer, jnp)
+
+        carry = (jnp.int32(1), P.init_state(policy, N, jnp), jnp.zeros(N, jnp.int32))
+        _, _, exit_layer = lax.while_loop(lambda c: (c[0] <= L) & (c[2] == 0).any(), body, carry)
+        return jnp.where(exit_layer == 0, L, exit_layer)
+
+    return np.concatenate([np.asarray(loop(policy, logits[:, i:i + rows])) for i in range(0, logits.shape[1], rows)])
+
+
+@pytest.mark.parametrize("C", [2, 3])
+@pytest.mark.parametrize("name", ["entropy", "pcee", "maxprob", "pabee", "static"])
+def test_range_ends_give_identical_exits_on_host_device_and_offline(name, C):
+    from jaxexit import offline
+
+    z = near_uniform_logits(C=C)
+    for policy in range_ends(name, 6, C):
+        host, _ = P.simulate(policy, z)
+        np.testing.assert_array_equal(offline.exit_layers(policy, z), host, err_msg=f"offline {policy}")
+        np.testing.assert_array_equal(np.asarray(jax.jit(P.scan_exits)(policy, z)[0]), host, err_msg=f"scan {policy}")
+        np.testing.assert_array_equal(device_exits_in_chunks(policy, z, 8), host, err_msg=f"while_loop {policy}")
+        np.testing.assert_array_equal(run_like_runner(policy, z), host, err_msg=f"shrinking batch {policy}")
+
+
+@pytest.mark.parametrize("C", [2, 3])
+def test_range_ends_mean_what_exact_arithmetic_says(C):
+    """At S = ln C, tau = 1 and t = 1 / C every row exits at layer 1 unless its logits are exactly
+    uniform there (rows 0-79 here); at S = 0, tau = 0 and t = 1 nobody exits."""
+    z = near_uniform_logits(C=C)
+    uniform_at_1 = np.zeros(z.shape[1], bool)
+    uniform_at_1[:80] = True  # rows 40-79 are uniform at layers 1, 3, 5
+    for name, params in [("entropy", dict(S=math.log(C))), ("pcee", dict(patience=1, tau=1.0)),
+                         ("maxprob", dict(t=1.0 / C))]:
+        exit_layer, _ = P.simulate(make_policy(name, 6, C, **params), z)
+        np.testing.assert_array_equal(exit_layer[~uniform_at_1], 1)
+        np.testing.assert_array_equal(exit_layer[:40], 6)  # uniform everywhere: never confident
+        np.testing.assert_array_equal(exit_layer[40:80], 2)  # confident at layer 2, not uniform there
+    for name, params in [("entropy", dict(S=0.0)), ("pcee", dict(patience=1, tau=0.0)), ("maxprob", dict(t=1.0))]:
+        assert (P.simulate(make_policy(name, 6, C, **params), z)[0] == 6).all()
+
+
+@pytest.mark.parametrize("xp", [np, jnp], ids=["numpy", "jax"])
+@pytest.mark.parametrize("C", range(2, 11))
+def test_uniform_rows_sit_exactly_on_the_range_end_and_others_strictly_inside(xp, C):
+    rows = np.zeros((3, C), np.float32)
+    rows[0] = 0.37  # uniform
+    rows[1] = 0.5
+    rows[1, 0] = np.nextafter(np.float32(0.5), np.float32(1.0))  # one ulp from uniform (not a denormal:
+    #                                                                XLA flushes those to zero)
+    rows[2] = np.random.default_rng(C).normal(size=C) * 1e-7
+    h, c, m = (np.asarray(f(xp.asarray(rows), xp)) for f in (P.entropy, P.normalized_entropy, P.max_prob))
+    assert h.dtype == c.dtype == m.dtype == np.float64
+    assert (h[0], c[0], m[0]) == (math.log(C), 1.0, 1.0 / C)
+    assert (h[1:] < math.log(C)).all() and (c[1:] < 1.0).all() and (m[1:] > 1.0 / C).all()
+
+
+def test_thresholds_reach_the_device_at_float64():
+    """A threshold between two float64 neighbours that float32 cannot tell apart still decides on the
+    device exactly as on the host (a float32 leaf would round 0.3 to 0.30000001192...)."""
+    z = np.full((2, 4, 2), 0.0, np.float32)
+    z[0, :, 1] = [0.1, 0.2, 0.3, 0.4]
+    for t in (0.5249791874789399, float(P.max_prob(z[0])[0]), math.nextafter(float(P.max_prob(z[0])[0]), 0.0)):
+        policy = make_policy("maxprob", 2, 2, t=t)
+        np.testing.assert_array_equal(np.asarray(jax.jit(P.scan_exits)(policy, z)[0]), P.simulate(policy, z)[0])
+
+
+def test_policy_leaves_round_trip_through_tree_map():
+    policy = make_policy("pcee", 6, 2, patience=2, tau=0.30000000000000004)
+    again = jax.tree_util.tree_map(np.asarray, policy)
+    assert again["tau"] == 0.30000000000000004 and again["patience"] == 2
+    assert jax.tree_util.tree_map(jnp.asarray, policy)["tau"] == policy["tau"]
