@@ -5,7 +5,9 @@
 
 The first form runs one cached pass over dev (plus timed latency runs for the wall-saving figure)
 and writes analysis.json, tables.md, logits.npy, tradeoff.{csv,png}, per_layer.png,
-exit_histograms.png and wall_saving.png under --out. The second gathers every analysis.json
+exit_histograms.png and wall_saving.png under --out (for MNLI, whose dev is two splits, under
+--out/validation_matched/ and --out/validation_mismatched/). Thresholds are chosen on a seeded
+random half of the split and reported on the other half. The second gathers every analysis.json
 under the given directories into one markdown file (mean and spread over seeds).
 """
 
@@ -17,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from jaxexit import analysis  # noqa: E402
+from jaxexit import analysis, glue  # noqa: E402
+from jaxexit.checkpoint import RunDir  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (with --tables: the markdown file)")
     p.add_argument("--tables", action="store_true", help="gather analysis.json files into tables")
     p.add_argument("--data-dir", help="GLUE TSV directory (default: the one the run was trained on)")
-    p.add_argument("--split", default="dev")
+    p.add_argument("--split", default="dev", help="dev (MNLI: matched and mismatched, each analysed) or one split")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the random split into calibration and report halves (default 0)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed TSV rows (reported) instead of stopping at the first")
     p.add_argument("--timing-inputs", type=int, default=200,
                    help="held-out inputs timed in latency mode for the wall-saving figure (0: skip)")
     return p
@@ -48,10 +55,17 @@ def main(argv=None):
             parser.error("give one run directory (or --tables)")
         if args.timing_inputs < 0:
             parser.error(f"--timing-inputs must be >= 0, got {args.timing_inputs}")
-        result = analysis.analyze(args.paths[0], args.out, args.data_dir, args.split, args.timing_inputs, command)
-        print((Path(args.out) / "tables.md").read_text())
-        print(f"wrote {args.out}/")
-        return result
+        run = RunDir(args.paths[0])
+        task = glue.get_task(run.train_config()["task"]) if (run.path / "train_config.json").is_file() else None
+        splits = glue.resolve_splits(task, args.split) if task else (args.split,)
+        results = {}
+        for split in splits:
+            out = Path(args.out) / split if len(splits) > 1 else Path(args.out)
+            results[split] = analysis.analyze(args.paths[0], out, args.data_dir, split, args.timing_inputs, command,
+                                              split_seed=args.split_seed, skip_bad_rows=args.skip_bad_rows)
+            print((out / "tables.md").read_text())
+            print(f"wrote {out}/")
+        return results[splits[0]] if len(splits) == 1 else results
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
 

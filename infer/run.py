@@ -3,7 +3,7 @@
     python infer/run.py --patience 2 --tau 0.2                 # PCEE on dev of the latest run
     python infer/run.py --policy entropy --S 0.3 --mode batched --batch-size 64
     python infer/run.py --sweep                                 # every policy over a grid (offline)
-    python infer/run.py --policy pcee --patience 2 --target-saving 0.4
+    python infer/run.py --policy pcee --patience 2 --target-saving 0.4   # patience fixed, tau calibrated
     echo "a gripping film" | python infer/run.py --patience 2 --tau 0.2 --text -
 """
 
@@ -29,17 +29,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", "--max-prob", dest="t", type=float, help="maxprob: threshold in [0, 1]")
     p.add_argument("--delta", type=float, help="pabee on regression: agreement tolerance")
     p.add_argument("--k", type=int, help="static: exit layer")
-    p.add_argument("--split", default="dev", help="dev | test (MNLI: dev_matched, dev_mismatched, ...)")
+    p.add_argument("--split", default="dev",
+                   help="dev | test (MNLI: both matched and mismatched, side by side), or one split: dev_matched, ...")
     p.add_argument("--data-dir", help="GLUE TSV directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed TSV rows (reported: how many, and where) instead of stopping at the first")
     p.add_argument("--limit", type=int, default=0, help="use only the first N inputs")
-    p.add_argument("--mode", choices=runners.MODES, default="latency")
+    p.add_argument("--mode", choices=runners.MODES, default=None,
+                   help="latency (default: batch 1, host decisions) | batched | device | offline")
     p.add_argument("--batch-size", type=int, default=None, help="batched/device/offline (default 64; device 1)")
     p.add_argument("--text", nargs="+", help="classify these texts ('-' reads lines from stdin; pairs: tab-separated)")
     p.add_argument("--output", help="write predictions: the GLUE submission TSV, and *.exits.tsv with exit layers")
     p.add_argument("--json", help="where to write the result JSON (default: <checkpoint>/infer/...)")
     p.add_argument("--sweep", action="store_true", help="offline: every policy over a grid -> CSV and PNG")
-    p.add_argument("--target-saving", type=float, help="calibrate the policy's threshold to this saving")
-    p.add_argument("--max-drop", type=float, help="calibrate: the largest saving within this score drop")
+    p.add_argument("--target-saving", type=float,
+                   help="calibrate the parameters not given to the best score with at least this saving")
+    p.add_argument("--max-drop", type=float,
+                   help="calibrate the parameters not given to the largest saving within this score drop")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="calibration: seed of the random split into calibration and report halves (default 0)")
     return p
 
 

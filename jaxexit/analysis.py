@@ -10,8 +10,9 @@
   per-layer score (DeeBERT Figure 4), exit-layer histograms at several thresholds (DeeBERT
   Figure 6) and measured wall saving against saving in latency mode (DeeBERT Figure 3).
 
-Every threshold is chosen on the first half of the split (inputs `[0, N/2)`) and reported on the
-second half (`[N/2, N)`), so no table entry is tuned on the inputs it is scored on. Scores are in
+Every threshold is chosen on a seeded random half of the split (the calibration half,
+`offline.split_halves`; the seed is in `analysis.json`) and reported on the other half (the report
+half), so no table entry is tuned on the inputs it is scored on. Scores are in
 the task's primary metric (accuracy, F1, MCC, Pearson) as fractions; tables print points (x100).
 
 `tables(analyses)` gathers several runs' `analysis.json` into the markdown tables, with the mean
@@ -37,11 +38,13 @@ DEEBERT_DROPS = (0.005, 0.04)  # under 0.5 point; within 4 points (the papers' "
 HISTOGRAM_LEVELS = (0.1, 0.3, 0.6, 0.9)  # entropy thresholds as fractions of ln C
 
 
-def _calibrated(name, logits, labels, metric, half, **rule) -> dict:
-    """Calibrate on [0, half), report on [half, N); a row with `note` if no setting qualifies."""
+def _calibrated(name, logits, labels, metric, halves, **rule) -> dict:
+    """Calibrate on the calibration half, report on the report half; a row with `note` if no
+    setting qualifies."""
+    cal_rows, report_rows = halves
     try:
-        cal = offline.calibrate(name, logits[:, :half], labels[:half], metric,
-                                heldout=(logits[:, half:], labels[half:]), **rule)
+        cal = offline.calibrate(name, logits[:, cal_rows], labels[cal_rows], metric,
+                                heldout=(logits[:, report_rows], labels[report_rows]), **rule)
     except ValueError as e:
         return {"policy": name, "note": str(e)}
     held = cal.heldout
@@ -50,14 +53,15 @@ def _calibrated(name, logits, labels, metric, half, **rule) -> dict:
             "calibration_drop": cal.calibration["drop"], "exit_histogram": held["exit_histogram"]}
 
 
-def deebert_rows(task, logits, labels, half) -> list[dict]:
+def deebert_rows(task, logits, labels, halves) -> list[dict]:
     name = "pabee" if task.is_regression else "entropy"
-    return [{"max_drop": d, **_calibrated(name, logits, labels, metrics.primary_scorer(task), half, max_drop=d)}
+    return [{"max_drop": d, **_calibrated(name, logits, labels, metrics.primary_scorer(task), halves, max_drop=d)}
             for d in DEEBERT_DROPS]
 
 
-def pcee_rows(task, logits, labels, half) -> list[dict]:
-    return [{"target_saving": t, **_calibrated(name, logits, labels, metrics.primary_scorer(task), half, target_saving=t)}
+def pcee_rows(task, logits, labels, halves) -> list[dict]:
+    return [{"target_saving": t, **_calibrated(name, logits, labels, metrics.primary_scorer(task), halves,
+                                               target_saving=t)}
             for name in offline.applicable(logits.shape[2]) for t in TARGET_SAVINGS]
 
 
@@ -81,9 +85,10 @@ def wall_savings(model: EarlyExitModel, split, settings: list[policies.Policy]) 
     return {"inputs": len(split), "full_model_seconds": full, "settings": rows}
 
 
-def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "dev", timing_inputs: int = 200,
-            command: str = "") -> dict:
-    """Every analysis above for one run; writes `analysis.json`, `tables.md`, CSV and PNGs to `out_dir`."""
+def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validation", timing_inputs: int = 200,
+            command: str = "", split_seed: int = 0, skip_bad_rows: bool = False) -> dict:
+    """Every analysis above for one run and one split (`glue.resolve_splits` names MNLI's two dev
+    splits; `infer/analyze.py` runs each); writes `analysis.json`, `tables.md`, CSV and PNGs to `out_dir`."""
     from jaxexit import inference
 
     run = inference.resolve_run(str(run_dir))
@@ -91,7 +96,8 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "dev", t
     task = glue.get_task(train_cfg["task"])
     model = EarlyExitModel.from_run(run.path)
     split_name = glue.canonical_split(task, split)
-    data, _ = inference.load_inputs(run, model, task, split_name, data_dir or train_cfg.get("data_dir"))
+    data, _ = inference.load_inputs(run, model, task, split_name, data_dir or train_cfg.get("data_dir"),
+                                    skip_bad_rows=skip_bad_rows)
     labels = data.labels
     if not data.labelled:
         raise ValueError(f"{task.tsv_dir} {split_name} has no labels; the analyses need a labelled split")
@@ -100,24 +106,27 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "dev", t
 
     logits = runners.cached_logits(model, data)
     L, N, C = logits.shape
-    half = N // 2
+    halves = offline.split_halves(N, split_seed)
+    cal_rows, report_rows = halves
     metric = metrics.primary_scorer(task)
     result = {
         "task": task.name, "tsv_dir": task.tsv_dir, "split": split_name, "metric": metrics.primary_metric(task),
         "checkpoint": str(run.path), "scheme": train_cfg["scheme"], "seed": train_cfg["seed"],
         "model": train_cfg["model"], "num_layers": L, "n": N, "command": command,
-        "halves": f"thresholds chosen on inputs [0, {half}), reported on [{half}, {N})",
+        "split_seed": split_seed, "calibration_n": len(cal_rows), "report_n": len(report_rows),
+        "halves": f"thresholds chosen on a random half of the {N} inputs ({len(cal_rows)}, split seed {split_seed}), "
+                  f"reported on the other {len(report_rows)}",
         "full_score": offline.full_score(logits, labels, metric),
-        "full_score_heldout": offline.full_score(logits[:, half:], labels[half:], metric),
+        "full_score_report": offline.full_score(logits[:, report_rows], labels[report_rows], metric),
         "per_layer": [metrics.task_metrics(task, p, labels) for p in offline.ramp_predictions(logits)],
-        "deebert": deebert_rows(task, logits, labels, half),
-        "pcee": pcee_rows(task, logits, labels, half),
+        "deebert": deebert_rows(task, logits, labels, halves),
+        "pcee": pcee_rows(task, logits, labels, halves),
         "histograms": [offline.evaluate(p, logits, labels, metric).row() for p in histogram_settings(L, C)],
     }
     _, _, sweep_rows = inference.sweep(task, logits, labels, out / "tradeoff")
     result["settings_swept"] = len(sweep_rows)
     if timing_inputs:
-        held = data.take(np.arange(half, min(N, half + timing_inputs)))
+        held = data.take(report_rows[:timing_inputs])
         chosen = [r for r in result["deebert"] + result["histograms"] if "params" in r]
         settings = list({(r["policy"], tuple(r["params"].items())): policies.make_policy(r["policy"], L, C, **r["params"])
                          for r in chosen}.values())
@@ -219,6 +228,8 @@ def _group(analyses: list[dict], scheme: str) -> dict[str, list[dict]]:
     groups = defaultdict(list)
     for a in runs:
         label = a["tsv_dir"] if len(setups[a["tsv_dir"]]) == 1 else f"{a['tsv_dir']} `{_setup(a)}`"
+        if a["split"] != "validation":  # MNLI's matched and mismatched, side by side
+            label += " " + a["split"].removeprefix("validation_")
         groups[label].append(a)
     return dict(groups)
 
@@ -235,27 +246,35 @@ def tables(analyses: list[dict], command: str = "") -> str:
     out = []
     if command:
         out += [f"Made by: `{command}`", ""]
-    sizes = sorted({(a["tsv_dir"], a["n"]) for a in analyses})  # `analyze` splits N inputs at N // 2
-    halves = "; ".join(f"{task}: chosen on [0, {n // 2}), reported on [{n // 2}, {n})" for task, n in sizes)
-    out += ["Thresholds are chosen on the first half of dev and reported on the second half "
-            f"({halves}). Scores in points of the task's metric; cells are "
-            "`score (saving %)`; `a ± b` is the mean and standard deviation over seeds.", ""]
+    for a in analyses:
+        if "split_seed" not in a:
+            raise ValueError(f"the analysis of {a['checkpoint']} predates seeded calibration halves "
+                             "(thresholds chosen on contiguous halves); run infer/analyze.py on it again")
+    sizes = sorted({(a["tsv_dir"], a["split"], a["calibration_n"], a["report_n"], a["split_seed"]) for a in analyses})
+    halves = "; ".join(f"{task} {split}: {c} calibration / {r} report inputs, split seed {seed}"
+                       for task, split, c, r, seed in sizes)
+    out += ["Every threshold is chosen on the calibration half of dev (a seeded random half) and every "
+            f"score and saving below is measured on the other half, the report half ({halves}). "
+            "Scores in points of the task's metric; cells are `score (saving %)`; `a ± b` is the mean and "
+            "standard deviation over seeds.", ""]
     for scheme in sorted({a["scheme"] for a in analyses}):
         groups = _group(analyses, scheme)
         out += [f"### DeeBERT Table 1 form ({scheme} checkpoints)", "",
-                "| task (metric) | seeds | full model | largest saving, drop < 0.5 | largest saving, drop <= 4 |",
+                "| task (metric) | seeds | full model | largest saving with drop < 0.5 on the calibration half "
+                "| largest saving with drop <= 4 on the calibration half |",
                 "|---|---|---|---|---|"]
         for task, runs in sorted(groups.items()):
             cells = [_cell([next(r for r in a["deebert"] if r["max_drop"] == d) for a in runs]) for d in DEEBERT_DROPS]
             policy = runs[0]["deebert"][0]["policy"]
             out.append(f"| {task} ({runs[0]['metric']}, {policy}) | {len(runs)} | "
-                       f"{_pts([a['full_score_heldout'] for a in runs])} | {cells[0]} | {cells[1]} |")
+                       f"{_pts([a['full_score_report'] for a in runs])} | {cells[0]} | {cells[1]} |")
         out.append("")
         out += [f"### PCEE-BERT Table 2 form ({scheme} checkpoints)", ""]
         for task, runs in sorted(groups.items()):
-            out += [f"{task} ({runs[0]['metric']}), full model {_pts([a['full_score_heldout'] for a in runs])}, "
+            out += [f"{task} ({runs[0]['metric']}), full model {_pts([a['full_score_report'] for a in runs])}, "
                     f"{len(runs)} seed(s):", "",
-                    "| policy | " + " | ".join(f"saving >= {int(t * 100)}%" for t in TARGET_SAVINGS) + " |",
+                    "| policy | " + " | ".join(f"saving >= {int(t * 100)}% on the calibration half"
+                                             for t in TARGET_SAVINGS) + " |",
                     "|---|" + "---|" * len(TARGET_SAVINGS)]
             for name in dict.fromkeys(r["policy"] for r in runs[0]["pcee"]):
                 cells = [_cell([next((r for r in a["pcee"] if r["policy"] == name and r["target_saving"] == t), None)

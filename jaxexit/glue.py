@@ -8,12 +8,14 @@ A TSV directory has the layout the official `download_glue_data.py` writes: `<da
 `<data_dir>/MNLI/dev_matched.tsv`, ... The TSV reader mirrors the tfds GLUE builder
 (`tensorflow_datasets/text/glue.py`): tab-separated, no quoting, columns looked up by header name,
 `idx` = 0-based data row, blank lines skipped. Unlike tfds it stops on a malformed row instead of
-dropping it, naming the file and line.
+dropping it, naming the file and line; `skip_bad_rows=True` drops such rows instead and logs how many
+and where (the official QQP files have a few).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -78,6 +80,9 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 STSB_RANGE = (0.0, 5.0)
+SHOWN_BAD_ROWS = 5  # file:line positions named when malformed rows are skipped
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +121,19 @@ def canonical_split(task: str | Task, split: str) -> str:
     return name
 
 
+def resolve_splits(task: str | Task, split: str) -> tuple[str, ...]:
+    """The splits a name stands for: `dev` (or `validation`) is every dev split of the task and
+    `test` every test split (MNLI: matched and mismatched, reported side by side as GLUE does);
+    any other name is one split (`dev_matched`, `validation_mismatched`, `train`, ...)."""
+    task = get_task(task)
+    name = split.strip().lower()
+    if name in ("dev", "validation"):
+        return task.dev_splits
+    if name == "test":
+        return task.test_splits
+    return (canonical_split(task, split),)
+
+
 def tsv_path(data_dir: str | Path, task: str | Task, split: str) -> Path:
     """The file the official download script writes for `split`: validation -> dev.tsv, ...
 
@@ -133,18 +151,21 @@ def tsv_path(data_dir: str | Path, task: str | Task, split: str) -> Path:
 
 
 def load_examples(task: str | Task, split: str, data_dir: str | Path | None = None, *,
-                  tfds_data_dir: str | Path | None = None, download: bool = True) -> list[Example]:
+                  tfds_data_dir: str | Path | None = None, download: bool = True,
+                  skip_bad_rows: bool = False) -> list[Example]:
     """All examples of one split, sorted by `idx`.
 
     `data_dir=None` reads `glue/<task>` through tensorflow-datasets (downloading and preparing it
     under `tfds_data_dir`, default ~/tensorflow_datasets, unless `download=False`); otherwise
     `data_dir` is the root of a GLUE TSV download holding `<TASK>/<split>.tsv`, or that task directory.
+    A malformed TSV row raises `GlueFormatError` (file:line and what is wrong) unless
+    `skip_bad_rows`, which drops it and logs a warning with the count and the first positions.
     """
     task = get_task(task)
     split = canonical_split(task, split)
     if data_dir is None:
         return _load_tfds(task, split, tfds_data_dir, download)
-    return _load_tsv(task, split, Path(data_dir))
+    return _load_tsv(task, split, Path(data_dir), skip_bad_rows)
 
 
 def labels_array(task: str | Task, examples: list[Example]) -> np.ndarray:
@@ -209,7 +230,7 @@ def _text(value) -> str:
 # ---------------------------------------------------------------------------------------------------
 # GLUE TSV files
 
-def _load_tsv(task: Task, split: str, data_dir: Path) -> list[Example]:
+def _load_tsv(task: Task, split: str, data_dir: Path, skip_bad_rows: bool = False) -> list[Example]:
     if not data_dir.is_dir():
         raise FileNotFoundError(f"GLUE data directory not found: {data_dir} (expected the root of a GLUE "
                                 f"download, holding {task.tsv_dir}/ and the other task directories)")
@@ -218,26 +239,42 @@ def _load_tsv(task: Task, split: str, data_dir: Path) -> list[Example]:
         why = "" if path.parent.is_dir() else f" (no {task.tsv_dir} directory in {data_dir})"
         raise FileNotFoundError(f"{task.tsv_dir} {split} file not found: expected {path}{why}")
     header = task.tsv_headerless if task.tsv_headerless and not split.startswith("test") else None
-    header, rows = read_tsv(path, header)
+    bad: list[GlueFormatError] | None = [] if skip_bad_rows else None
+    header, rows = read_tsv(path, header, bad)
     text_cols = [_column(path, header, name) for name in task.tsv_text_columns]
     label_col = header.index(task.tsv_label_column) if task.tsv_label_column in header else None
-    idxs = list(range(len(rows)))
+    parsed = []
+    for line, fields in rows:
+        try:
+            label = None if label_col is None else _parse_label(task, fields[label_col], path, line)
+        except GlueFormatError as e:
+            if bad is None:
+                raise
+            bad.append(e)
+            continue
+        parsed.append((line, fields, label))
+    idxs = list(range(len(parsed)))
     if task.name == "mrpc" and split in ("train", "validation"):
-        idxs = _mrpc_source_rows(path, split, [(f[1], f[2]) for _, f in rows]) or idxs
+        idxs = _mrpc_source_rows(path, split, [(f[1], f[2]) for _, f, _ in parsed]) or idxs
+    if bad:
+        shown = "; ".join(str(e) for e in bad[:SHOWN_BAD_ROWS])
+        log.warning("skipped %d malformed row%s of %s (%s%s)", len(bad), "s" * (len(bad) > 1), path, shown,
+                    "; ..." if len(bad) > SHOWN_BAD_ROWS else "")
     examples = []
-    for idx, (line, fields) in zip(idxs, rows):
-        label = None if label_col is None else _parse_label(task, fields[label_col], path, line)
+    for idx, (line, fields, label) in zip(idxs, parsed):
         texts = [fields[c] for c in text_cols]
         examples.append(Example(idx, texts[0], texts[1] if task.is_pair else None, label))
     return examples
 
 
-def read_tsv(path: Path, header: tuple[str, ...] | None = None) -> tuple[list[str], list[tuple[int, list[str]]]]:
+def read_tsv(path: Path, header: tuple[str, ...] | None = None, bad_rows: list | None = None
+             ) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and `(line_number, fields)` rows of a tab-separated file without quoting.
 
     The header is the first line unless given (for files written without one). A UTF-8 BOM is
     dropped (MRPC), blank lines are skipped as csv.DictReader does, and every row must have as many
-    fields as the header.
+    fields as the header: a row that has not raises `GlueFormatError`, or, given a `bad_rows`
+    list, is left out and its error appended there.
     """
     rows = []
     with open(path, encoding="utf-8-sig") as f:  # text mode: universal newlines, as tfds reads
@@ -249,8 +286,12 @@ def read_tsv(path: Path, header: tuple[str, ...] | None = None) -> tuple[list[st
                 header = fields
                 continue
             if len(fields) != len(header):
-                raise GlueFormatError(f"{path}:{line_number}: expected {len(header)} tab-separated fields "
-                                      f"({', '.join(header)}), found {len(fields)}")
+                error = GlueFormatError(f"{path}:{line_number}: expected {len(header)} tab-separated fields "
+                                        f"({', '.join(header)}), found {len(fields)}")
+                if bad_rows is None:
+                    raise error
+                bad_rows.append(error)
+                continue
             rows.append((line_number, fields))
     if header is None:
         raise GlueFormatError(f"{path}:1: empty file, expected a header line")

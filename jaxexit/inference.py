@@ -38,28 +38,35 @@ _IMPLIED = (
 )
 
 
+def policy_name(name: str | None, params: dict) -> str:
+    """`--policy`, or the policy its parameter flags imply (see `_IMPLIED`)."""
+    given = {k for k, v in params.items() if v is not None}
+    if name is not None:
+        return name
+    if not given:
+        raise ValueError("no exit policy: give --policy and its parameters (e.g. --patience 2 --tau 0.2)")
+    name = next((n for n, keys, extra in _IMPLIED if given & keys and given <= keys | extra), None)
+    if name is None:
+        raise ValueError(f"the flags {', '.join('--' + k for k in sorted(given))} do not name one policy; give --policy")
+    return name
+
+
 def policy_from_args(name: str | None, params: dict, num_layers: int, num_labels: int) -> policies.Policy:
     """The policy `--policy` names, or the one its parameter flags imply (see `_IMPLIED`)."""
     given = {k: v for k, v in params.items() if v is not None}
-    if name is None:
-        if not given:
-            raise ValueError("no exit policy: give --policy and its parameters (e.g. --patience 2 --tau 0.2)")
-        name = next((n for n, keys, extra in _IMPLIED if set(given) & keys and set(given) <= keys | extra), None)
-        if name is None:
-            raise ValueError(f"the flags {sorted(given)} do not name one policy; give --policy")
-        if name == "pcee":
-            given.setdefault("patience", 1)
-    return policies.make_policy(name, num_layers, num_labels, **given)
+    if name is None and policy_name(None, given) == "pcee":
+        given.setdefault("patience", 1)
+    return policies.make_policy(policy_name(name, given), num_layers, num_labels, **given)
 
 
 def load_inputs(run: RunDir, model: EarlyExitModel, task: glue.Task, split: str, data_dir: str | None,
-                limit: int = 0) -> tuple[batches.EncodedSplit, list[glue.Example]]:
+                limit: int = 0, skip_bad_rows: bool = False) -> tuple[batches.EncodedSplit, list[glue.Example]]:
     if data_dir is not None:
         other = {t.tsv_dir.lower(): t for t in glue.TASKS.values() if t is not task}.get(Path(data_dir).name.lower())
         if other is not None:
             raise ValueError(f"the checkpoint {run.path} was trained on {task.tsv_dir}, but --data-dir {data_dir} "
                              f"holds {other.tsv_dir}")
-    examples = glue.load_examples(task, split, data_dir)
+    examples = glue.load_examples(task, split, data_dir, skip_bad_rows=skip_bad_rows)
     if limit:
         examples = examples[:limit]
     if not examples:
@@ -213,40 +220,81 @@ def plot_tradeoff(rows: list[dict], metric_name: str, title: str, path: Path) ->
 
 
 def calibrate(task: glue.Task, name: str, cached: np.ndarray, labels: np.ndarray, *, target_saving=None,
-              max_drop=None) -> dict:
-    """Choose the policy's threshold on the first half of the split, report it on the second half."""
-    half = len(labels) // 2
-    cal = offline.calibrate(name, cached[:, :half], labels[:half], metrics.primary_scorer(task), target_saving=target_saving,
-                            max_drop=max_drop, heldout=(cached[:, half:], labels[half:]))
-    return {"policy": cal.policy.as_dict(), "rule": cal.rule, "calibration_half": cal.calibration,
-            "heldout_half": cal.heldout, "halves": f"calibrated on inputs [0, {half}), reported on [{half}, {len(labels)})"}
+              max_drop=None, fixed: dict | None = None, seed: int = 0) -> dict:
+    """Choose the policy's open parameters (those not in `fixed`) on a seeded random half of the
+    split (`offline.split_halves`) and report the choice on the other half."""
+    cal_rows, report_rows = offline.split_halves(len(labels), seed)
+    cal = offline.calibrate(name, cached[:, cal_rows], labels[cal_rows], metrics.primary_scorer(task),
+                            target_saving=target_saving, max_drop=max_drop, fixed=fixed,
+                            heldout=(cached[:, report_rows], labels[report_rows]))
+    return {"policy": cal.policy.as_dict(), "fixed": cal.fixed, "chosen": cal.chosen, "rule": cal.rule,
+            "split_seed": seed, "calibration_half": cal.calibration, "report_half": cal.heldout,
+            "halves": f"chosen on a random half of the {len(labels)} inputs ({len(cal_rows)}, split seed {seed}), "
+                      f"reported on the other {len(report_rows)}"}
+
+
+def format_calibration(name: str, cal: dict) -> str:
+    fixed = ", ".join(f"{k}={v}" for k, v in cal["fixed"].items()) or "none"
+    chosen = ", ".join(f"{k}={v}" for k, v in cal["chosen"].items())
+    return (f"calibrated {name} ({cal['rule']}): fixed {fixed}; chosen {chosen}\n  {cal['halves']}\n"
+            f"  calibration half: {_brief(cal['calibration_half'])}\n  report half:      {_brief(cal['report_half'])}")
+
+
+def check_flags(args) -> None:
+    """Refuse flags that cannot apply to what the other flags ask for (ValueError, naming them)."""
+    calibrating = args.target_saving is not None or args.max_drop is not None
+    offline_job = args.sweep or calibrating
+    policy_flags = [f"--{k}" for k in PARAM_FLAGS if getattr(args, k) is not None] + \
+        (["--policy"] if args.policy else [])
+    if args.target_saving is not None and args.max_drop is not None:
+        raise ValueError("give one calibration target: --target-saving or --max-drop, not both")
+    if args.target_saving is not None and not 0 <= args.target_saving < 1:
+        raise ValueError(f"--target-saving must be in [0, 1), got {args.target_saving}")
+    if args.max_drop is not None and args.max_drop < 0:
+        raise ValueError(f"--max-drop must be >= 0, got {args.max_drop}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {args.limit}")
+    wrong = []
+    if args.sweep and not calibrating and policy_flags:
+        wrong.append((policy_flags, "--sweep evaluates every policy over its grid (add --target-saving or "
+                                    "--max-drop to calibrate one policy)"))
+    if offline_job:
+        what = "--sweep" if not calibrating else "calibration"
+        wrong += [([f], f"{what} runs offline over cached logits") for f, on in
+                  (("--mode", args.mode is not None), ("--output", args.output is not None),
+                   ("--text", bool(args.text))) if on]
+    else:
+        wrong += [([f], "it applies to calibration (--target-saving / --max-drop) only")
+                  for f, on in (("--split-seed", args.split_seed is not None),) if on]
+    if args.batch_size is not None and (args.mode or "latency") == "latency" and not offline_job:
+        wrong.append((["--batch-size"], "latency mode runs one input at a time (use --mode batched or device)"))
+    if wrong:
+        flags, why = wrong[0]
+        raise ValueError(f"{' '.join(flags)} cannot apply here: {why}")
 
 
 # ---- the command line (infer/run.py) -----------------------------------------------------------
 def main_cli(args) -> dict:
     import sys
 
+    check_flags(args)
     run = resolve_run(args.checkpoint, args.runs_dir)
     train_cfg = run.train_config()
     task = glue.get_task(train_cfg["task"])
     model = EarlyExitModel.from_run(run.path)
     L, C = model.num_layers, model.config.num_labels
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.target_saving is not None and not 0 <= args.target_saving < 1:
-        raise ValueError(f"--target-saving must be in [0, 1), got {args.target_saving}")
-    if args.max_drop is not None and args.max_drop < 0:
-        raise ValueError(f"--max-drop must be >= 0, got {args.max_drop}")
-    params = {"patience": args.patience, "tau": args.tau, "S": args.S, "t": args.t, "delta": args.delta, "k": args.k}
+    params = {k: getattr(args, k) for k in PARAM_FLAGS}
     calibrating = args.target_saving is not None or args.max_drop is not None
+    mode = args.mode or "latency"
     out_dir = run.path / "infer"
 
     if args.text:
         lines = sys.stdin.read().splitlines() if args.text == ["-"] else args.text
         split = text_inputs(model, task, lines)
         policy = policy_from_args(args.policy, params, L, C)
-        exits, _ = run_policy(model, policy, split, "latency" if args.mode == "offline" else args.mode,
-                              args.batch_size or 1)
+        exits, _ = run_policy(model, policy, split, "latency" if mode == "offline" else mode, args.batch_size or 1)
         for line, m, p, z in zip([x for x in lines if x.strip()], exits.exit_layer, exits.prediction, exits.logits):
             shown = f"{float(p):.3f}" if task.is_regression else task.label_names[int(p)]
             conf = "" if task.is_regression else f"  p={float(policies.max_prob(z[None])[0]):.3f}"
@@ -254,43 +302,88 @@ def main_cli(args) -> dict:
         return {"predictions": exits.prediction.tolist(), "exit_layer": exits.exit_layer.tolist()}
 
     data_dir = args.data_dir or train_cfg.get("data_dir")
-    split_name = glue.canonical_split(task, args.split)
-    split, _ = load_inputs(run, model, task, split_name, data_dir, args.limit)
-    labels = split.labels if split.labelled else None
-    meta = {"task": task.name, "split": split_name, "checkpoint": str(run.path), "num_labels": C}
+    results = {}
+    splits = glue.resolve_splits(task, args.split)  # MNLI's dev: matched and mismatched
+    for split_name in splits:
+        split, _ = load_inputs(run, model, task, split_name, data_dir, args.limit, args.skip_bad_rows)
+        labels = split.labels if split.labelled else None
+        meta = {"task": task.name, "split": split_name, "checkpoint": str(run.path), "num_labels": C}
+        tag = split_name if len(splits) > 1 else None  # in output file names given by flags
+        if args.sweep or calibrating:
+            results[split_name] = _offline_job(args, task, model, split, labels, meta, params, out_dir, tag)
+        else:
+            results[split_name] = _run_job(args, task, model, split, labels, meta, params, mode, out_dir, tag)
+    if len(results) == 1:
+        return next(iter(results.values()))
+    side = side_by_side(task, results)
+    if side:
+        print(side)
+    return {"splits": results}
 
-    if args.sweep or calibrating:
-        if labels is None:
-            raise ValueError(f"{split_name} has no labels: sweeps and calibration need a labelled split (dev)")
-        cached = runners.cached_logits(model, split, args.batch_size or 64)
-        result = dict(meta)
-        if args.sweep:
-            csv_path, png, rows = sweep(task, cached, labels, out_dir / f"sweep-{split_name}")
-            result.update(sweep_csv=str(csv_path), sweep_png=str(png), settings=len(rows))
-            print(f"swept {len(rows)} settings of {len({r['policy'] for r in rows})} policies -> {csv_path}, {png}")
-        if calibrating:
-            name = args.policy or policy_from_args(None, params, L, C).name
-            cal = calibrate(task, name, cached, labels, target_saving=args.target_saving, max_drop=args.max_drop)
-            result["calibration"] = cal
-            print(f"calibrated {name} ({cal['rule']}): {cal['policy']}\n  {cal['halves']}\n"
-                  f"  calibration half: {_brief(cal['calibration_half'])}\n  held-out half:    {_brief(cal['heldout_half'])}")
-        path = write_json(args.json or out_dir / f"{'sweep' if args.sweep else 'calibration'}-{split_name}.json", result)
-        print(f"wrote {path}")
-        return result
 
-    policy = policy_from_args(args.policy, params, L, C)
-    batch_size = args.batch_size or (1 if args.mode in ("latency", "device") else 64)
-    exits, full_seconds = run_policy(model, policy, split, args.mode, batch_size)
-    cached = runners.cached_logits(model, split, 64) if labels is not None else None
-    result = report(task, policy, exits, full_seconds, labels, cached,
-                    {**meta, "mode": args.mode, "batch_size": batch_size})
-    print(format_summary(result))
-    tag = "-".join(f"{k}{v}" for k, v in policy.params)
-    path = write_json(args.json or out_dir / f"{policy.name}-{tag}-{split_name}-{args.mode}.json", result)
-    print(f"wrote {path}")
-    if args.output:
-        print(f"predictions: {write_predictions(args.output, task, split.idx, exits)}")
+PARAM_FLAGS = ("patience", "tau", "S", "t", "delta", "k")
+
+
+def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag) -> dict:
+    split_name = meta["split"]
+    if labels is None:
+        raise ValueError(f"{split_name} has no labels: sweeps and calibration need a labelled split (dev)")
+    cached = runners.cached_logits(model, split, args.batch_size or 64)
+    result = dict(meta)
+    if args.sweep:
+        csv_path, png, rows = sweep(task, cached, labels, out_dir / f"sweep-{split_name}")
+        result.update(sweep_csv=str(csv_path), sweep_png=str(png), settings=len(rows))
+        print(f"swept {len(rows)} settings of {len({r['policy'] for r in rows})} policies on {split_name} "
+              f"-> {csv_path}, {png}")
+    if args.target_saving is not None or args.max_drop is not None:
+        name = policy_name(args.policy, params)
+        fixed = {k: v for k, v in params.items() if v is not None}
+        seed = 0 if args.split_seed is None else args.split_seed
+        cal = calibrate(task, name, cached, labels, target_saving=args.target_saving, max_drop=args.max_drop,
+                        fixed=fixed, seed=seed)
+        result["calibration"] = cal
+        print(f"{task.tsv_dir} {split_name}: " + format_calibration(name, cal))
+    default = out_dir / f"{'sweep' if args.sweep else 'calibration'}-{split_name}.json"
+    print(f"wrote {write_json(_named(args.json, default, tag), result)}")
     return result
+
+
+def _run_job(args, task, model, split, labels, meta, params, mode, out_dir, tag) -> dict:
+    split_name = meta["split"]
+    policy = policy_from_args(args.policy, params, model.num_layers, model.config.num_labels)
+    batch_size = args.batch_size or (1 if mode in ("latency", "device") else 64)
+    exits, full_seconds = run_policy(model, policy, split, mode, batch_size)
+    cached = runners.cached_logits(model, split, 64) if labels is not None else None
+    result = report(task, policy, exits, full_seconds, labels, cached, {**meta, "mode": mode, "batch_size": batch_size})
+    print(format_summary(result))
+    setting = "-".join(f"{k}{v}" for k, v in policy.params)
+    default = out_dir / f"{policy.name}-{setting}-{split_name}-{mode}.json"
+    print(f"wrote {write_json(_named(args.json, default, tag), result)}")
+    if args.output:
+        print(f"predictions: {write_predictions(_named(args.output, None, tag), task, split.idx, exits)}")
+    return result
+
+
+def _named(given: str | None, default: Path | None, tag: str | None) -> Path:
+    """A path given by a flag (with `-<tag>` before its suffix when one command covers several
+    splits, MNLI's matched and mismatched), else `default` (which names its split already)."""
+    if not given:
+        return default
+    path = Path(given)
+    return path.with_name(f"{path.stem}-{tag}{path.suffix}") if tag else path
+
+
+def side_by_side(task: glue.Task, results: dict) -> str:
+    """One line per split with its score, saving and (live modes) wall saving, as GLUE reports
+    MNLI's matched and mismatched dev sets."""
+    lines = [f"{task.tsv_dir}, side by side:"]
+    for split_name, r in results.items():
+        row = r.get("calibration", {}).get("report_half") if "calibration" in r else r
+        if not row or "score" not in row:
+            continue
+        wall = f", wall saving {r['wall_saving']:.3f}" if "wall_saving" in r else ""
+        lines.append(f"  {split_name:<22} score {row['score']:.4f}, saving {row['saving']:.3f}{wall}")
+    return "\n".join(lines) if len(lines) > 1 else ""
 
 
 def _brief(row: dict | None) -> str:

@@ -237,25 +237,59 @@ def sweep(logits, labels=None, metric: Metric | None = None,
 
 
 # ---- calibration ---------------------------------------------------------------------------------
+def split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split of `n` inputs into a calibration half (`n // 2` inputs) and a report
+    half (the rest), each in increasing order. GLUE dev files are ordered by source (CoLA's by
+    publication), so contiguous halves would differ in kind."""
+    if n < 2:
+        raise ValueError(f"calibration needs at least 2 labelled inputs, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+
+
+def calibration_grid(name: str, num_layers: int, num_labels: int, fixed: Mapping | None = None) -> list[dict]:
+    """`name`'s default grid with the parameters in `fixed` held at their given values: only the
+    others are searched. Raises ValueError for a parameter the policy does not take, an invalid
+    value, or nothing left to search."""
+    fixed = dict(fixed or {})
+    names = policies.param_names(name, num_labels) if name in policies.POLICIES else ()
+    grid = default_grid(name, num_layers, num_labels)  # also refuses unknown policies and regression
+    wrong = sorted(set(fixed) - set(names))
+    if wrong:
+        raise ValueError(f"policy {name!r} takes {', '.join(names)}; {', '.join(wrong)} cannot apply to it")
+    searched = [k for k in names if k not in fixed]
+    if not searched:
+        raise ValueError(f"every parameter of {name!r} is fixed ({', '.join(f'{k}={v}' for k, v in fixed.items())}): "
+                         "nothing is left to calibrate; leave one open or drop the calibration target")
+    settings = {tuple(sorted({**g, **fixed}.items())): None for g in grid}
+    out = [dict(k) for k in settings]
+    Policy(name, num_layers, num_labels, tuple(out[0].items()))  # validates the fixed values
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """A setting chosen on a calibration split, with its rows there and on a held-out split.
 
     Rows are `sweep` rows plus `full_score` (ramp L on that split) and `drop = full_score - score`.
+    `fixed` are the parameters held at the caller's values; `chosen` the ones the search picked.
     """
 
     policy: Policy
     rule: str
     calibration: dict
     heldout: dict | None
+    fixed: dict = dataclasses.field(default_factory=dict)
+    chosen: dict = dataclasses.field(default_factory=dict)
 
 
 def calibrate(name: str, logits, labels, metric: Metric, *, target_saving: float | None = None,
               max_drop: float | None = None, grid: Sequence[Mapping] | None = None,
-              heldout: tuple | None = None) -> Calibration:
+              fixed: Mapping | None = None, heldout: tuple | None = None) -> Calibration:
     """Choose policy `name`'s setting on a calibration split; report it on `heldout=(logits, labels)`.
 
-    Exactly one rule:
+    The search runs over `grid` (default: `calibration_grid(name, L, C, fixed)`, the default grid
+    with the parameters in `fixed` held at their values). Exactly one rule:
     * `target_saving`: the highest-scoring setting whose `saving >= target_saving`
       (ties: higher saving, then earlier in the grid);
     * `max_drop`: the setting with the largest `saving` whose score drop below the full model,
@@ -272,6 +306,12 @@ def calibrate(name: str, logits, labels, metric: Metric, *, target_saving: float
     if metric is None or labels is None:
         raise ValueError("calibration needs labels and a metric")
     logits = np.asarray(logits)
+    L, _, C = logits.shape
+    fixed = dict(fixed or {})
+    if grid is None:
+        grid = calibration_grid(name, L, C, fixed)
+    elif fixed:
+        raise ValueError("give a grid or fixed parameters, not both")
     full = full_score(logits, labels, metric)
     rows = [_with_drop(r, full) for r in sweep(logits, labels, metric, {name: grid})]
     if target_saving is not None:
@@ -289,14 +329,14 @@ def calibrate(name: str, logits, labels, metric: Metric, *, target_saving: float
     if not ok:
         raise ValueError(f"no {name} setting meets '{rule}' on the calibration split; {why}")
     chosen = rows[max(ok, key=key)]
-    L, _, C = logits.shape
     policy = Policy(name, L, C, tuple(chosen["params"].items()))
     report = None
     if heldout is not None:
         held_logits, held_labels = heldout
         held_full = full_score(held_logits, held_labels, metric)
         report = _with_drop(evaluate(policy, held_logits, held_labels, metric).row(), held_full)
-    return Calibration(policy, rule, chosen, report)
+    picked = {k: v for k, v in policy.params if k not in fixed}
+    return Calibration(policy, rule, chosen, report, {k: policy[k] for k in fixed}, picked)
 
 
 def _with_drop(row: dict, full: float) -> dict:

@@ -44,14 +44,20 @@ def test_analyze_writes_tables_figures_and_held_out_numbers(tiny_runs, capsys):
     logits = np.load(out / "logits.npy")
     labels = np.asarray([int(line.rsplit("\t", 1)[1]) for line in
                          (root / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]])
-    # Every PCEE-table entry: chosen on [0, 30), scored on [30, 60) exactly as evaluating its setting there.
+    # Every PCEE-table entry: chosen on the seeded calibration half, scored on the report half exactly
+    # as evaluating its setting there.
+    cal_rows, report_rows = offline.split_halves(60, seed=0)
+    assert saved["split_seed"] == 0 and (saved["calibration_n"], saved["report_n"]) == (30, 30)
+    assert not np.array_equal(report_rows, np.arange(30, 60))  # not the contiguous second half
     for row in saved["pcee"]:
         if "params" not in row:
             continue
         policy = offline.Policy(row["policy"], 3, 2, tuple(row["params"].items()))
-        held = offline.evaluate(policy, logits[:, 30:], labels[30:], analysis.metrics.accuracy)
-        assert held.score == pytest.approx(row["score"]) and held.saving == pytest.approx(row["saving"])
-        assert row["calibration_saving"] >= row["target_saving"] - 1e-9
+        report = offline.evaluate(policy, logits[:, report_rows], labels[report_rows], analysis.metrics.accuracy)
+        assert report.score == pytest.approx(row["score"]) and report.saving == pytest.approx(row["saving"])
+        cal = offline.evaluate(policy, logits[:, cal_rows], labels[cal_rows], analysis.metrics.accuracy)
+        assert cal.saving == pytest.approx(row["calibration_saving"])
+        assert cal.saving >= row["target_saving"] - 1e-9
     assert [r["max_drop"] for r in saved["deebert"]] == list(analysis.DEEBERT_DROPS)
     assert {r["policy"] for r in saved["pcee"]} == {"entropy", "pcee", "maxprob", "pabee", "static"}
     assert saved["timing"]["inputs"] == 8 and saved["timing"]["settings"]
@@ -62,10 +68,22 @@ def test_tables_report_mean_and_spread_over_seeds(tiny_runs):
     root, runs = tiny_runs
     results = [analysis.analyze(runs[s], root / f"seed{s}", timing_inputs=0) for s in (1, 2)]
     text = analysis.tables(analysis.load_analyses([root / "seed1", root / "seed2"]), command="cmd")
-    full = [100 * r["full_score_heldout"] for r in results]
+    full = [100 * r["full_score_report"] for r in results]
     assert f"| SST-2 (accuracy, entropy) | 2 | {np.mean(full):.1f} ± {np.std(full, ddof=1):.1f} |" in text
     assert "static (reference)" in text and "Made by: `cmd`" in text
-    assert "(SST-2: chosen on [0, 30), reported on [30, 60))" in text  # one entry per task, not per run
+    assert "largest saving with drop < 0.5 on the calibration half" in text
+    assert "(SST-2 validation: 30 calibration / 30 report inputs, split seed 0)" in text  # once per task
+    reseeded = analysis.analyze(runs[1], root / "seed1-other-split", timing_inputs=0, split_seed=7)
+    logits = np.load(root / "seed1" / "logits.npy")
+    labels = np.asarray([int(line.rsplit("\t", 1)[1]) for line in
+                         (root / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[1:]])
+    for result, seed in ((results[0], 0), (reseeded, 7)):
+        _, report_rows = offline.split_halves(60, seed)
+        assert result["split_seed"] == seed
+        assert result["full_score_report"] == offline.full_score(logits[:, report_rows], labels[report_rows],
+                                                                 analysis.metrics.accuracy)
+    with pytest.raises(ValueError, match="predates seeded calibration halves"):
+        analysis.tables([{k: v for k, v in results[0].items() if k != "split_seed"}])
     # Runs named <setup>-s<seed> are seeds of one setup; another setup of the task gets its own rows.
     loaded = analysis.load_analyses([root / "seed1", root / "seed2"])
     other = dict(loaded[0], checkpoint="runs/other-setup")

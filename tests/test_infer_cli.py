@@ -57,7 +57,46 @@ def test_calibration_reports_on_the_other_half(trained_minilm_run, tmp_path):
                           "--target-saving", "0.3", "--limit", "80", "--json", str(tmp_path / "c.json")])
     cal = result["calibration"]
     assert cal["calibration_half"]["saving"] >= 0.3 - 1e-9
-    assert "heldout_half" in cal and "[40, 80)" in cal["halves"]
+    assert cal["split_seed"] == 0 and "split seed 0" in cal["halves"] and "report_half" in cal
+    assert cal["fixed"] == {} and set(cal["chosen"]) == {"t"}
+    assert json.loads((tmp_path / "c.json").read_text())["calibration"]["split_seed"] == 0
+    again = _cli().main(["--checkpoint", str(trained_minilm_run.path), "--policy", "maxprob", "--split-seed", "5",
+                         "--target-saving", "0.3", "--limit", "80", "--json", str(tmp_path / "c5.json")])
+    assert again["calibration"]["split_seed"] == 5
+
+
+@pytest.mark.parametrize("flags, fixed, chosen", [
+    (["--policy", "pcee", "--patience", "2"], {"patience": 2}, {"tau"}),  # the docstring's example
+    (["--tau", "1.0"], {"tau": 1.0}, {"patience"}),                    # implies pcee; patience left open
+    (["--policy", "pcee"], {}, {"patience", "tau"}),
+])
+def test_calibration_keeps_given_parameters_fixed(trained_minilm_run, tmp_path, capsys, flags, fixed, chosen):
+    result = _cli().main(["--checkpoint", str(trained_minilm_run.path), *flags, "--target-saving", "0.3",
+                          "--limit", "64", "--json", str(tmp_path / "c.json")])
+    cal = result["calibration"]
+    assert cal["fixed"] == fixed and set(cal["chosen"]) == chosen
+    assert {k: cal["policy"][k] for k in fixed} == fixed
+    printed = capsys.readouterr().out
+    fixed_text = ", ".join(f"{k}={v}" for k, v in fixed.items()) or "none"
+    assert f"fixed {fixed_text}; chosen " in printed and all(f"{k}=" in printed.split("chosen")[1] for k in chosen)
+
+
+def test_flags_that_cannot_apply_are_errors(trained_minilm_run, capsys):
+    cli, ckpt = _cli(), str(trained_minilm_run.path)
+    for argv, message in [
+        (["--policy", "pcee", "--S", "0.3", "--target-saving", "0.3"], "S cannot apply to it"),
+        (["--policy", "entropy", "--S", "0.3", "--target-saving", "0.3"], "nothing is left to calibrate"),
+        (["--policy", "pcee", "--patience", "0", "--target-saving", "0.3"], "patience must be in 1.."),
+        (["--sweep", "--tau", "0.2"], "--tau cannot apply here: --sweep evaluates every policy"),
+        (["--policy", "entropy", "--target-saving", "0.3", "--mode", "batched"], "--mode cannot apply here"),
+        (["--policy", "entropy", "--target-saving", "0.3", "--max-drop", "0.01"], "one calibration target"),
+        (["--tau", "0.2", "--batch-size", "8"], "--batch-size cannot apply here: latency mode"),
+        (["--tau", "0.2", "--split-seed", "3"], "--split-seed cannot apply here"),
+        (["--tau", "0.2", "--limit", "-1"], "--limit must be >= 0"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli.main(["--checkpoint", ckpt, *argv])
+        assert message in capsys.readouterr().err, argv
 
 
 def test_own_text(trained_minilm_run, capsys):
