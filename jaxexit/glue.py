@@ -239,7 +239,7 @@ def _load_tsv(task: Task, split: str, data_dir: Path, skip_bad_rows: bool = Fals
         why = "" if path.parent.is_dir() else f" (no {task.tsv_dir} directory in {data_dir})"
         raise FileNotFoundError(f"{task.tsv_dir} {split} file not found: expected {path}{why}")
     header = task.tsv_headerless if task.tsv_headerless and not split.startswith("test") else None
-    bad: list[GlueFormatError] | None = [] if skip_bad_rows else None
+    bad: list[tuple[int, GlueFormatError]] | None = [] if skip_bad_rows else None
     header, rows = read_tsv(path, header, bad)
     text_cols = [_column(path, header, name) for name in task.tsv_text_columns]
     label_col = header.index(task.tsv_label_column) if task.tsv_label_column in header else None
@@ -250,14 +250,14 @@ def _load_tsv(task: Task, split: str, data_dir: Path, skip_bad_rows: bool = Fals
         except GlueFormatError as e:
             if bad is None:
                 raise
-            bad.append(e)
+            bad.append((line, e))
             continue
         parsed.append((line, fields, label))
     idxs = list(range(len(parsed)))
     if task.name == "mrpc" and split in ("train", "validation"):
         idxs = _mrpc_source_rows(path, split, [(f[1], f[2]) for _, f, _ in parsed]) or idxs
     if bad:
-        shown = "; ".join(str(e) for e in bad[:SHOWN_BAD_ROWS])
+        shown = "; ".join(str(e) for _, e in sorted(bad, key=lambda b: b[0])[:SHOWN_BAD_ROWS])
         log.warning("skipped %d malformed row%s of %s (%s%s)", len(bad), "s" * (len(bad) > 1), path, shown,
                     "; ..." if len(bad) > SHOWN_BAD_ROWS else "")
     examples = []
@@ -274,7 +274,7 @@ def read_tsv(path: Path, header: tuple[str, ...] | None = None, bad_rows: list |
     The header is the first line unless given (for files written without one). A UTF-8 BOM is
     dropped (MRPC), blank lines are skipped as csv.DictReader does, and every row must have as many
     fields as the header: a row that has not raises `GlueFormatError`, or, given a `bad_rows`
-    list, is left out and its error appended there.
+    list, is left out and `(line_number, error)` appended there.
     """
     rows = []
     with open(path, encoding="utf-8-sig") as f:  # text mode: universal newlines, as tfds reads
@@ -290,7 +290,7 @@ def read_tsv(path: Path, header: tuple[str, ...] | None = None, bad_rows: list |
                                         f"({', '.join(header)}), found {len(fields)}")
                 if bad_rows is None:
                     raise error
-                bad_rows.append(error)
+                bad_rows.append((line_number, error))
                 continue
             rows.append((line_number, fields))
     if header is None:

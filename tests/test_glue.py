@@ -1,6 +1,7 @@
 """GLUE data: the task table, the TSV reader on real and synthetic files, the tfds path, and their agreement."""
 
 import collections
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -224,6 +225,36 @@ def test_bad_rows_name_file_and_line(tmp_path, task, task_dir, name, text, line,
     path = _glue_dir(tmp_path, task_dir, name, text)
     with pytest.raises(GlueFormatError, match=re.escape(f"{path}:{line}: ") + ".*" + problem):
         load_examples(task, name.removesuffix(".tsv"), tmp_path)
+
+
+def test_skip_bad_rows_drops_them_and_reports_count_and_positions(tmp_path, caplog):
+    rows = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"]
+    for i in range(9):
+        rows.append(f"{i}\t1\t2\tq{i}\tp{i}\t{i % 2}")
+        if i in (2, 4, 5, 6, 7, 8):  # six bad rows: short, long, a bad label
+            rows.append({2: "x\t1\tshort", 4: "y\t1\t2\ta\tb\t0\tlong", 5: "z\t1\t2\ta\tb\tmaybe"}.get(i, "w\t1"))
+    path = _glue_dir(tmp_path, "QQP", "train.tsv", "\n".join(rows) + "\n")
+    with pytest.raises(GlueFormatError, match=re.escape(f"{path}:5: ")):  # the default still stops, at the first
+        load_examples("qqp", "train", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="jaxexit.glue"):
+        examples = load_examples("qqp", "train", tmp_path, skip_bad_rows=True)
+    assert [ex.text_a for ex in examples] == [f"q{i}" for i in range(9)] and [ex.idx for ex in examples] == list(range(9))
+    (record,) = [r for r in caplog.records if "malformed" in r.getMessage()]
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING and "skipped 6 malformed rows of" in message
+    for line in (5, 8, 10, 12, 14):  # the first five positions are named ...
+        assert f"{path}:{line}: " in message
+    assert f"{path}:16:" not in message and message.endswith("; ...)")  # ... and the rest counted
+    assert "unknown QQP label 'maybe'" in message and "found 3" in message
+
+
+def test_dev_means_every_dev_split():
+    assert glue.resolve_splits("mnli", "dev") == ("validation_matched", "validation_mismatched")
+    assert glue.resolve_splits("mnli", "test") == ("test_matched", "test_mismatched")
+    assert glue.resolve_splits("mnli", "dev_mismatched") == ("validation_mismatched",)
+    assert glue.resolve_splits("sst2", "dev") == glue.resolve_splits("sst2", "validation") == ("validation",)
+    with pytest.raises(ValueError, match="no split 'devv'"):
+        glue.resolve_splits("sst2", "devv")
 
 
 def test_blank_lines_and_crlf_are_tolerated(tmp_path):
