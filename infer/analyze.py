@@ -12,19 +12,18 @@ under the given directories into one markdown file (mean and spread over seeds).
 """
 
 import argparse
-import logging
 import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from jaxexit import analysis, glue  # noqa: E402
+from jaxexit import analysis, console, glue  # noqa: E402
 from jaxexit.checkpoint import RunDir  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = console.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run directories (or, with --tables, analysis directories)")
     p.add_argument("--out", required=True, help="output directory (with --tables: the markdown file)")
     p.add_argument("--tables", action="store_true", help="gather analysis.json files into tables")
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", force=True)
+    console.setup(keep_for_file=False)  # warnings and errors; no library chatter
     command = "python infer/analyze.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     try:
         if args.tables:
@@ -66,8 +65,8 @@ def main(argv=None):
             print((out / "tables.md").read_text())
             print(f"wrote {out}/")
         return results[splits[0]] if len(splits) == 1 else results
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    except console.USER_ERRORS as e:
+        console.fail(str(e), e)
 
 
 if __name__ == "__main__":

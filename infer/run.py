@@ -8,18 +8,17 @@
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from jaxexit import policies, runners  # noqa: E402
+from jaxexit import console, policies, runners  # noqa: E402
 from jaxexit.inference import main_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = console.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a train/finetune.py run directory (default: the latest run in --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where train/finetune.py wrote its runs (default: runs)")
     p.add_argument("--policy", choices=policies.POLICIES, help="default: pcee when only --patience/--tau are given")
@@ -54,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", force=True)
+    console.setup(keep_for_file=False)  # warnings and errors; no library chatter
     try:
         return main_cli(args)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    except console.USER_ERRORS as e:
+        console.fail(str(e), e)
 
 
 if __name__ == "__main__":

@@ -57,16 +57,22 @@ class RunDir:
     @classmethod
     def create(cls, output_dir: str | os.PathLike, name: str, train_config: dict, encoder_config: EncoderConfig,
                tokenizer) -> "RunDir":
-        run = cls(Path(output_dir) / name)
-        if run.path.exists() and any(run.path.iterdir()):
-            raise FileExistsError(f"{run.path} already exists: pass --resume {run.path} to continue it, "
-                                  "or choose another --run-name")
+        run = cls.check_free(output_dir, name)
         if run.writer:
             run.path.mkdir(parents=True, exist_ok=True)
             write_json(run.path / "train_config.json", train_config)
             write_json(run.path / "encoder_config.json", encoder_config.to_dict())
             tokenizer.save(run.path / "tokenizer")
             write_text(Path(output_dir) / LATEST, name + "\n")
+        return run
+
+    @classmethod
+    def check_free(cls, output_dir: str | os.PathLike, name: str) -> "RunDir":
+        """The run `output_dir/name`, which must not exist yet (or be empty)."""
+        run = cls(Path(output_dir) / name)
+        if run.path.exists() and any(run.path.iterdir()):
+            raise FileExistsError(f"{run.path} already exists: pass --resume {run.path} to continue it, "
+                                  "or choose another --run-name")
         return run
 
     @classmethod

@@ -191,9 +191,15 @@ def _load_tfds(task: Task, split: str, tfds_data_dir, download: bool) -> list[Ex
                           f"or pass data_dir=<GLUE TSV directory>: {e}") from e
     # array_record + data_source reads without TensorFlow (tfds.load would need it).
     # A data_dir already prepared as tfrecord by tfds.load makes tfds refuse this, saying so.
-    source = tfds.data_source(task.tfds_name, split=split, download=download,
-                              data_dir=None if tfds_data_dir is None else str(tfds_data_dir),
-                              builder_kwargs={"file_format": "array_record"})
+    try:
+        source = tfds.data_source(task.tfds_name, split=split, download=download,
+                                  data_dir=None if tfds_data_dir is None else str(tfds_data_dir),
+                                  builder_kwargs={"file_format": "array_record"})
+    except Exception as e:  # no network, a broken download, a data_dir prepared in another format
+        detail = " ".join(str(e).split("\n")[0].split())[:300]
+        raise OSError(f"cannot read {task.tfds_name} through tensorflow-datasets ({type(e).__name__}: {detail}); "
+                      f"offline, pass a local GLUE TSV directory instead (--data-dir DIR, holding "
+                      f"{task.tsv_dir}/)") from e
     examples = [_from_tfds(task, record) for record in _iterate(source)]
     examples.sort(key=lambda ex: ex.idx)  # tfds stores examples shuffled by key
     return examples

@@ -68,10 +68,12 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         return Path(snapshot_download(repo_id=text, allow_patterns=list(HUB_PATTERNS)))
     except Exception as e:  # offline and not cached, unknown repo, network error
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = " (HF_HUB_OFFLINE is set: only the local cache was searched)" if offline else ""
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline else
+               "the Hugging Face Hub could not provide it (offline, or no such model)")
+        detail = " ".join(str(e).split("\n")[0].split())
         raise FileNotFoundError(
-            f"{text!r} is neither a local directory nor a downloadable hub model{hint}: "
-            f"{type(e).__name__}: {e}"
+            f"cannot load model {text!r}: it is not a local directory and {why}; give the path of a local "
+            f"Hugging Face checkpoint directory instead (--model DIR) [{type(e).__name__}: {detail}]"
         ) from None
 
 

@@ -4,48 +4,61 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 
 from jaxexit.config import DictConfig
+
 SCHEMES = ("two_stage", "joint")
+POOLERS = ("per_ramp", "shared")
+
+
+def _field(default, help: str, choices: tuple | None = None):
+    """A config field with its one-line `--help` text (and choices), kept beside its default."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(DictConfig):
-    task: str = "sst2"  # GLUE task (sst2, mrpc, cola, stsb, qqp, mnli, qnli, rte)
-    model: str = "bert-base-uncased"  # Hugging Face hub id or local checkpoint directory
-    data_dir: str | None = None  # local GLUE TSV directory of the task; None: tensorflow-datasets
-    scheme: str = "two_stage"  # "two_stage" (DeeBERT) or "joint" (PABEE / PCEE, weights i / sum i)
-    ramp_pooler: str | None = None  # None: "per_ramp" for two_stage, "shared" for joint, as the papers
-    max_length: int = 128  # tokens per input after truncation
-    batch_size: int = 32  # global batch, split over all devices
-    eval_batch_size: int = 128
-    lr: float = 2e-5  # peak learning rate (stage 1, joint)
-    stage2_lr: float | None = None  # None: same as lr
-    epochs: float = 3.0  # per stage (fractional epochs allowed)
-    stage2_epochs: float | None = None  # None: same as epochs
-    stage1_from: str | None = None  # two_stage only: a finished run whose backbone and final ramp stage 2
-    #                                 starts from (stage 1 is skipped; ramps 1..L-1 start fresh)
-    max_steps: int = 0  # > 0: stop each stage after this many steps (smoke tests, benchmarks)
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of a stage's steps, then linear decay
-    weight_decay: float = 0.01  # AdamW decoupled decay; never on biases or LayerNorm
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0  # global-norm clipping of the trained parameters; 0 disables
-    seed: int = 42
-    output_dir: str = "runs"  # runs are written under output_dir/run_name
-    run_name: str | None = None  # None: <task>-<scheme>-<timestamp>
-    save_every: int = 500  # steps between resumable checkpoints (and always at an epoch's end)
-    log_every: int = 20  # steps between metrics.jsonl training records
-    max_train_examples: int = 0  # > 0: use only the first N training examples (tiny runs)
-    max_eval_examples: int = 0  # > 0: evaluate on the first N dev examples only
+    task: str = _field("sst2", "GLUE task (set by --config)")
+    model: str = _field("bert-base-uncased", "Hugging Face hub id or local checkpoint directory to start from")
+    data_dir: str | None = _field(None, "local GLUE TSV directory (the task's or the GLUE root); none: "
+                                        "tensorflow-datasets, downloaded")
+    skip_bad_rows: bool = _field(False, "skip malformed TSV rows (reported: how many, where) instead of "
+                                        "stopping at the first")
+    scheme: str = _field("two_stage", "two_stage: DeeBERT's two stages; joint: PABEE/PCEE's weighted sum "
+                                      "of all ramps' losses", SCHEMES)
+    ramp_pooler: str | None = _field(None, "one pooler per ramp or one shared by all (default: per_ramp for "
+                                           "two_stage, shared for joint, as the papers)", POOLERS)
+    max_length: int = _field(128, "tokens per input after truncation")
+    batch_size: int = _field(32, "training batch (global: split over all devices)")
+    eval_batch_size: int = _field(128, "evaluation batch")
+    lr: float = _field(2e-5, "peak learning rate (stage 1, joint)")
+    stage2_lr: float | None = _field(None, "peak learning rate of stage 2 (default: --lr)")
+    epochs: float = _field(3.0, "epochs per stage (fractions allowed)")
+    stage2_epochs: float | None = _field(None, "epochs of stage 2 (default: --epochs)")
+    stage1_from: str | None = _field(None, "two_stage: a finished run whose backbone and final ramp stage 2 "
+                                           "starts from (stage 1 skipped, ramps 1..L-1 fresh)")
+    max_steps: int = _field(0, "stop each stage after this many steps (0: no limit; smoke tests)")
+    warmup_ratio: float = _field(0.1, "linear warm-up over this fraction of a stage's steps, then linear decay")
+    weight_decay: float = _field(0.01, "AdamW decoupled weight decay (never on biases or LayerNorm)")
+    adam_b1: float = _field(0.9, "Adam beta1")
+    adam_b2: float = _field(0.999, "Adam beta2")
+    adam_eps: float = _field(1e-8, "Adam epsilon")
+    max_grad_norm: float = _field(1.0, "global-norm gradient clipping of the trained parameters (0: off)")
+    seed: int = _field(42, "seed of initialisation, data order and dropout")
+    output_dir: str = _field("runs", "where runs are written (output_dir/run_name)")
+    run_name: str | None = _field(None, "run directory name (default: <task>-<scheme>-<time>)")
+    save_every: int = _field(500, "steps between resumable checkpoints (also at every epoch's end)")
+    log_every: int = _field(20, "steps between training records in metrics.jsonl")
+    max_train_examples: int = _field(0, "use only the first N training examples (0: all)")
+    max_eval_examples: int = _field(0, "evaluate on the first N dev examples only (0: all)")
 
     def __post_init__(self):
         checks = [
             (self.scheme in SCHEMES, f"scheme must be one of {SCHEMES}, got {self.scheme!r}"),
-            (self.ramp_pooler in (None, "per_ramp", "shared"), "ramp_pooler must be per_ramp or shared"),
+            (self.ramp_pooler in (None, *POOLERS), f"ramp_pooler must be one of {POOLERS}, got {self.ramp_pooler!r}"),
             (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
             (2 <= self.max_length <= 4096, f"max_length must be in [2, 4096], got {self.max_length}"),
             (self.lr > 0 and (self.stage2_lr is None or self.stage2_lr > 0), "learning rates must be > 0"),
@@ -102,35 +115,52 @@ def _parser_type(annotation) -> tuple[type, bool]:
     return scalar[0], len(scalar) < len(hints)
 
 
-def _converter(kind: type, optional: bool):
+def _converter(kind: type, optional: bool, choices: tuple | None = None):
     def convert(text: str):
         if optional and text.lower() == "none":
             return None
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}{' or none' if optional else ''}, got {text!r}")
+        if choices and value not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
     convert.__name__ = kind.__name__
     return convert
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config PRESET` plus one `--field-name VALUE` per TrainConfig field (typed)."""
-    parser.add_argument("--config", default="sst2", help=f"task preset: {', '.join(PRESETS)}")
+    """`--config PRESET` plus one `--field-name VALUE` per TrainConfig field (typed, with its help
+    and choices); boolean fields are switches (`--skip-bad-rows` / `--no-skip-bad-rows`)."""
+    parser.add_argument("--config", default="sst2", metavar="PRESET",
+                        help=f"task preset, the papers' recipe for it: {', '.join(PRESETS)} (default: sst2)")
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name == "task":
             continue  # set by --config
         kind, optional = _parser_type(hints[field.name])
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"), dest=field.name, default=None,
-            type=_converter(kind, optional), metavar=kind.__name__.upper(),
-            help=f"(preset: {field.default})",
-        )
+        flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]
+        if kind is bool:
+            parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+            continue
+        choices = field.metadata["choices"]
+        shown = f"{{{','.join(choices)}}}" if choices else kind.__name__.upper()
+        parser.add_argument(flag, dest=field.name, default=None, type=_converter(kind, optional, choices),
+                            metavar=shown, help=help_text if field.default is None else
+                            f"{help_text} (preset: {field.default})")
 
 
 def from_arguments(args: argparse.Namespace) -> TrainConfig:
+    """The preset with the flags' overrides; a value out of range is a ValueError naming its flag."""
     base = preset(args.config)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name != "task" and getattr(args, f.name, None) is not None}
-    return base.replace(**overrides)
+    try:
+        return base.replace(**overrides)
+    except ValueError as e:
+        message = str(e)
+        for f in dataclasses.fields(TrainConfig):
+            message = re.sub(rf"\b{f.name}\b", "--" + f.name.replace("_", "-"), message)
+        raise ValueError(message) from None

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxexit import batches, glue, metrics, optim, parallel, steps
+from jaxexit import batches, console, glue, metrics, optim, parallel, steps
 from jaxexit.api import EarlyExitModel
 from jaxexit.checkpoint import RunDir, timestamp, write_text
 from jaxexit.train_config import TrainConfig
@@ -71,15 +71,21 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     run = None
     if resume:  # the run being resumed: its saved config wins, before anything is built from cfg
         run = RunDir.latest(cfg.output_dir) if resume == "latest" else RunDir(resume)
+        if not (run.path / "train_config.json").is_file():
+            raise FileNotFoundError(f"cannot resume {run.path}: not a train/finetune.py run directory "
+                                    "(no train_config.json)")
         saved = TrainConfig.from_dict(run.train_config())
         if saved != cfg:
             log.warning("resuming %s with its saved config (command-line settings ignored)", run.path)
         cfg = saved
+    task = glue.get_task(cfg.task)
+    if run is None:  # a new run: refuse a taken name before anything slow happens
+        name = cfg.run_name or f"{task.name}-{cfg.scheme}-{timestamp()}"
+        RunDir.check_free(cfg.output_dir, name)
     parallel.maybe_initialize_distributed()
     mesh = parallel.data_mesh()
     parallel.check_batch_size(cfg.batch_size, mesh)
     parallel.check_batch_size(cfg.eval_batch_size, mesh)
-    task = glue.get_task(cfg.task)
 
     # Model and tokenizer.
     model = EarlyExitModel.from_pretrained(cfg.model, num_labels=task.num_labels, ramp_pooler=cfg.pooler,
@@ -89,16 +95,17 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     mcfg, tokenizer = model.config, model.tokenizer
     start = _stage1_params(cfg, task, model) if cfg.stage1_from else model.params
 
-    if run is None:  # a new run directory
-        name = cfg.run_name or f"{task.name}-{cfg.scheme}-{timestamp()}"
-        run = RunDir.create(cfg.output_dir, name, cfg.to_dict(), mcfg, tokenizer)
+    # Data, tokenised once (before the run directory exists, so a data error leaves nothing behind).
+    def examples(split: str, limit: int):
+        return _limit(glue.load_examples(task, split, cfg.data_dir, skip_bad_rows=cfg.skip_bad_rows), limit)
 
-    # Data, tokenised once.
-    train = _limit(glue.load_examples(task, "train", cfg.data_dir), cfg.max_train_examples)
-    train_split = batches.encode_examples(tokenizer, task, train)
-    devs = {s: batches.encode_examples(tokenizer, task, _limit(glue.load_examples(task, s, cfg.data_dir),
-                                                                 cfg.max_eval_examples))
-            for s in task.dev_splits}
+    train_split = batches.encode_examples(tokenizer, task, examples("train", cfg.max_train_examples))
+    devs = {s: batches.encode_examples(tokenizer, task, examples(s, cfg.max_eval_examples)) for s in task.dev_splits}
+
+    if run is None:
+        run = RunDir.create(cfg.output_dir, name, cfg.to_dict(), mcfg, tokenizer)
+    if run.writer:
+        console.log_to_file(run.path)  # library chatter from here on (and before) -> train.log
     per_epoch = batches.steps_per_epoch(len(train_split), cfg.batch_size)
     totals = {s: _stage_steps(cfg, s, per_epoch) for s in cfg.stages}
     offsets = dict(zip(cfg.stages, np.cumsum([0] + [totals[s] for s in cfg.stages])[:-1].tolist()))

@@ -248,6 +248,15 @@ def test_skip_bad_rows_drops_them_and_reports_count_and_positions(tmp_path, capl
     assert "unknown QQP label 'maybe'" in message and "found 3" in message
 
 
+def test_unreachable_tfds_is_one_clear_error():
+    import tensorflow_datasets as tfds
+
+    with mock.patch.object(tfds, "data_source", side_effect=ConnectionError("Failed to resolve 'x'\nmore")):
+        with pytest.raises(OSError, match=r"cannot read glue/sst2 through tensorflow-datasets \(ConnectionError: "
+                                          r"Failed to resolve 'x'\); offline, pass a local GLUE TSV directory"):
+            load_examples("sst2", "dev")
+
+
 def test_dev_means_every_dev_split():
     assert glue.resolve_splits("mnli", "dev") == ("validation_matched", "validation_mismatched")
     assert glue.resolve_splits("mnli", "test") == ("test_matched", "test_mismatched")
