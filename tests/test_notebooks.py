@@ -33,4 +33,4 @@ def test_notebook_runs_top_to_bottom(name):
         assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     else:
         assert text.count("exits equal offline: True") == 3, text
-        assert "held-out half" in text
+        assert "calibration half" in text and "report half" in text
