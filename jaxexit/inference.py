@@ -241,38 +241,36 @@ def format_calibration(name: str, cal: dict) -> str:
 
 
 def check_flags(args) -> None:
-    """Refuse flags that cannot apply to what the other flags ask for (ValueError, naming them)."""
+    """Refuse a flag out of range, or one that cannot apply to what the other flags ask for
+    (ValueError naming it)."""
     calibrating = args.target_saving is not None or args.max_drop is not None
-    offline_job = args.sweep or calibrating
-    policy_flags = [f"--{k}" for k in PARAM_FLAGS if getattr(args, k) is not None] + \
-        (["--policy"] if args.policy else [])
-    if args.target_saving is not None and args.max_drop is not None:
-        raise ValueError("give one calibration target: --target-saving or --max-drop, not both")
-    if args.target_saving is not None and not 0 <= args.target_saving < 1:
-        raise ValueError(f"--target-saving must be in [0, 1), got {args.target_saving}")
-    if args.max_drop is not None and args.max_drop < 0:
-        raise ValueError(f"--max-drop must be >= 0, got {args.max_drop}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.limit < 0:
-        raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    wrong = []
-    if args.sweep and not calibrating and policy_flags:
-        wrong.append((policy_flags, "--sweep evaluates every policy over its grid (add --target-saving or "
-                                    "--max-drop to calibrate one policy)"))
-    if offline_job:
-        what = "--sweep" if not calibrating else "calibration"
-        wrong += [([f], f"{what} runs offline over cached logits") for f, on in
-                  (("--mode", args.mode is not None), ("--output", args.output is not None),
-                   ("--text", bool(args.text))) if on]
-    else:
-        wrong += [([f], "it applies to calibration (--target-saving / --max-drop) only")
-                  for f, on in (("--split-seed", args.split_seed is not None),) if on]
-    if args.batch_size is not None and (args.mode or "latency") == "latency" and not offline_job:
-        wrong.append((["--batch-size"], "latency mode runs one input at a time (use --mode batched or device)"))
-    if wrong:
-        flags, why = wrong[0]
-        raise ValueError(f"{' '.join(flags)} cannot apply here: {why}")
+    job = "calibration" if calibrating else "--sweep" if args.sweep else None  # the offline jobs
+    out_of_range = [
+        (calibrating and args.target_saving is not None and args.max_drop is not None,
+         "give one calibration target: --target-saving or --max-drop, not both"),
+        (args.target_saving is not None and not 0 <= args.target_saving < 1,
+         f"--target-saving must be in [0, 1), got {args.target_saving}"),
+        (args.max_drop is not None and args.max_drop < 0, f"--max-drop must be >= 0, got {args.max_drop}"),
+        (args.batch_size is not None and args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.limit < 0, f"--limit must be >= 0, got {args.limit}"),
+    ]
+    policy_flags = [f"--{k}" for k in PARAM_FLAGS if getattr(args, k) is not None] + ["--policy"] * bool(args.policy)
+    cannot_apply = [  # (the flags, given where they cannot apply; why)
+        (policy_flags if job == "--sweep" else [],
+         "--sweep evaluates every policy over its grid (add --target-saving or --max-drop to calibrate one policy)"),
+        ([f for f, given in (("--mode", args.mode), ("--output", args.output), ("--text", args.text)) if given and job],
+         f"{job} runs offline over cached logits"),
+        (["--split-seed"] if args.split_seed is not None and not calibrating else [],
+         "it applies to calibration (--target-saving / --max-drop) only"),
+        (["--batch-size"] if args.batch_size is not None and not job and (args.mode or "latency") == "latency" else [],
+         "latency mode runs one input at a time (use --mode batched or device)"),
+    ]
+    for bad, message in out_of_range:
+        if bad:
+            raise ValueError(message)
+    for flags, why in cannot_apply:
+        if flags:
+            raise ValueError(f"{' '.join(flags)} cannot apply here: {why}")
 
 
 # ---- the command line (infer/run.py) -----------------------------------------------------------

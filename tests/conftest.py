@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,34 @@ def trained_minilm_run(tmp_path_factory):
                       max_train_examples=2000, max_eval_examples=200, eval_batch_size=100,
                       output_dir=str(tmp_path_factory.mktemp("runs")), run_name="minilm", log_every=10)
     return finetune(cfg, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The command-line tools reroute the root logger (jaxexit.console); put it back after each test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+def every_live_mode(model, policy, split, batch_size: int):
+    """`(mode, Exits)` of every live runner on `split`, the first-token exit steps included."""
+    from jaxexit import EarlyExitModel, runners
+
+    first_token = EarlyExitModel(model.config, model.params, model.tokenizer)
+    first_token.first_token_steps_from = 0  # every batch takes the first-token exit steps
+    return [
+        ("latency", runners.run_latency(model, policy, split, warmup=0)),
+        ("batched", runners.run_batched(model, policy, split, batch_size=batch_size, warmup=0)),
+        ("device-1", runners.run_on_device(model, policy, split, batch_size=1, warmup=0)),
+        (f"device-{batch_size}", runners.run_on_device(model, policy, split, batch_size=batch_size, warmup=0)),
+        ("batched, first-token steps", runners.run_batched(first_token, policy, split, batch_size=batch_size, warmup=0)),
+        (f"device-{batch_size}, first-token steps",
+         runners.run_on_device(first_token, policy, split, batch_size=batch_size, warmup=0)),
+    ]

@@ -3,7 +3,6 @@ console free of library chatter (which goes to the run's train.log)."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import pytest
@@ -16,20 +15,6 @@ sys.path.insert(0, str(REPO / "train"))
 sys.path.insert(0, str(REPO / "infer"))
 import finetune as finetune_cli  # noqa: E402
 import run as run_cli  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """The commands reroute the root logger; put it back for the other tests."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 def _help(module, capsys) -> str:

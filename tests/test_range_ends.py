@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import tiny
+from conftest import every_live_mode
 from test_policies import range_ends
 from jaxexit import EarlyExitModel, offline, policies, runners
 from jaxexit.batches import EncodedSplit
@@ -41,8 +42,6 @@ def inputs(model: EarlyExitModel, n: int = 24) -> EncodedSplit:
 @pytest.mark.parametrize("num_labels", [2, 3, 1])
 def test_every_mode_gives_identical_exits_at_the_ends_of_every_range(tmp_path, num_labels):
     model = unsure_model(tmp_path, num_labels)
-    first_token = EarlyExitModel(model.config, model.params, model.tokenizer)
-    first_token.first_token_steps_from = 0  # every batch takes the first-token exit steps
     split = inputs(model)
     cached = runners.cached_logits(model, split, batch_size=8)
     if num_labels > 1:  # unsure ramps, as intended
@@ -53,14 +52,7 @@ def test_every_mode_gives_identical_exits_at_the_ends_of_every_range(tmp_path, n
     for policy in settings:
         want = offline.evaluate(policy, cached)
         np.testing.assert_array_equal(policies.simulate(policy, cached)[0], want.exit_layer)
-        for mode, result in [
-            ("latency", runners.run_latency(model, policy, split, warmup=0)),
-            ("batched", runners.run_batched(model, policy, split, batch_size=8, warmup=0)),
-            ("device-1", runners.run_on_device(model, policy, split, batch_size=1, warmup=0)),
-            ("device-8", runners.run_on_device(model, policy, split, batch_size=8, warmup=0)),
-            ("batched, first-token steps", runners.run_batched(first_token, policy, split, batch_size=8, warmup=0)),
-            ("device-8, first-token steps", runners.run_on_device(first_token, policy, split, batch_size=8, warmup=0)),
-        ]:
+        for mode, result in every_live_mode(model, policy, split, batch_size=8):
             np.testing.assert_array_equal(result.exit_layer, want.exit_layer, err_msg=f"{mode} {policy}")
             if num_labels > 1:
                 np.testing.assert_array_equal(result.prediction, want.prediction, err_msg=f"{mode} {policy}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import shlex
 import subprocess
@@ -37,20 +36,7 @@ def test_ci_runs_the_readme_install_and_test_block():
     assert [line.split("  #")[0].strip() for line in out.splitlines() if line.strip()] == lines
 
 
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
-
-def test_offline_quick_start_runs(tmp_path, monkeypatch, capsys, restore_logging):
+def test_offline_quick_start_runs(tmp_path, monkeypatch, capsys):
     require(MINILM), require(GLUE / "SST-2")
     train_line, infer_line = bash_block_after(README, "Offline (a local Hugging Face checkpoint")
     assert train_line.startswith("python train/finetune.py") and infer_line.startswith("python infer/run.py")

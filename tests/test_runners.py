@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import GLUE
+from conftest import GLUE, every_live_mode
 from jaxexit import EarlyExitModel, batches, glue, offline, policies, runners
 
 
@@ -68,21 +68,12 @@ def test_zero_threshold_reproduces_the_full_model(setup, name, params):
 
 def test_every_mode_equals_the_offline_simulation(setup):
     model, split, cached = setup
-    first_token = EarlyExitModel(model.config, model.params, model.tokenizer)
-    first_token.first_token_steps_from = 0  # every batch takes the first-token exit steps
     spread = set()
     for name, params in settings(cached):
         policy = _policy(model, name, params)
         want = offline.evaluate(policy, cached)
         spread |= set(want.exit_layer.tolist())
-        for mode, result in [
-            ("latency", runners.run_latency(model, policy, split, warmup=0)),
-            ("batched", runners.run_batched(model, policy, split, batch_size=16, warmup=0)),
-            ("device-1", runners.run_on_device(model, policy, split, batch_size=1, warmup=0)),
-            ("device-16", runners.run_on_device(model, policy, split, batch_size=16, warmup=0)),
-            ("batched, first-token steps", runners.run_batched(first_token, policy, split, batch_size=16, warmup=0)),
-            ("device-16, first-token steps", runners.run_on_device(first_token, policy, split, batch_size=16, warmup=0)),
-        ]:
+        for mode, result in every_live_mode(model, policy, split, batch_size=16):
             np.testing.assert_array_equal(result.exit_layer, want.exit_layer, err_msg=f"{mode} {policy}")
             np.testing.assert_array_equal(result.prediction, want.prediction, err_msg=f"{mode} {policy}")
     assert len(spread) >= 4  # the settings really exit at different layers
