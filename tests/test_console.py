@@ -86,3 +86,20 @@ def test_console_shows_progress_and_tables_and_library_chatter_goes_to_train_log
     log = (run.path / "train.log").read_text()
     assert "absl" in log and "Saving checkpoint" in log  # orbax's chatter, kept in the run directory
     assert "jaxexit.trainer: SST-2: 200 train examples" in log  # records from before the run dir existed too
+
+
+def test_finetune_bad_rows_stop_by_default_and_are_skipped_with_the_flag(capfd, tmp_path):
+    model, data = tiny.make_tiny_checkpoint(tmp_path / "model"), tiny.make_tiny_glue(tmp_path / "glue")
+    train = data / "SST-2" / "train.tsv"
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines[:5] + ["a broken row without its label"] + lines[5:]) + "\n")
+    argv = ["--model", str(model), "--data-dir", str(data / "SST-2"), "--batch-size", "8", "--max-steps", "1",
+            "--max-length", "32", "--output-dir", str(tmp_path / "runs"), "--no-progress"]
+    with pytest.raises(SystemExit):
+        finetune_cli.main(argv + ["--run-name", "strict"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {train}:6: expected 2 tab-separated fields")
+    run = finetune_cli.main(argv + ["--run-name", "lenient", "--skip-bad-rows"])
+    err = capfd.readouterr().err
+    assert f"warning: skipped 1 malformed row of {train} ({train}:6: expected 2" in err
+    assert "SST-2: 200 train examples" in err and run.path.name == "lenient"
