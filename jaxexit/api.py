@@ -40,7 +40,8 @@ def _final(cfg: EncoderConfig, params, batch):
     hidden = module.apply({"params": {"backbone": params["backbone"]}}, batch["input_ids"], batch["token_type_ids"],
                           batch["attention_mask"], method="encode")
     last = cfg.num_hidden_layers - 1
-    return modeling.Ramp(cfg).apply({"params": modeling.ramp_params(cfg, params, last)}, hidden[-1][:, 0])
+    features = modeling.ramp_input(cfg, hidden[-1], modeling.attention_bias(batch["attention_mask"]))
+    return modeling.Ramp(cfg).apply({"params": modeling.ramp_params(cfg, params, last)}, features)
 
 
 def init_ramps(cfg: EncoderConfig, rng: jax.Array, pooler: dict | None = None) -> dict:
@@ -49,8 +50,8 @@ def init_ramps(cfg: EncoderConfig, rng: jax.Array, pooler: dict | None = None) -
     With `pooler` (the checkpoint's pretrained pooler), every ramp's own pooler (DeeBERT), or
     the shared one (PABEE/PCEE), starts as a copy of it.
     """
-    first_tokens = jnp.zeros((cfg.num_hidden_layers, 1, cfg.hidden_size), jnp.float32)
-    ramps = modeling.MultiExitEncoder(cfg).init(rng, first_tokens, method="classify")["params"]["ramps"]
+    features = jnp.zeros((cfg.num_hidden_layers, 1, cfg.hidden_size), jnp.float32)
+    ramps = modeling.MultiExitEncoder(cfg).init(rng, features, method="classify")["params"]["ramps"]
     ramps = jax.tree_util.tree_map(np.asarray, ramps)
     if pooler is not None:
         if cfg.ramp_pooler == "shared":
@@ -93,8 +94,8 @@ class EarlyExitModel:
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, num_labels: int = 2, *,
-                        ramp_pooler: str = "per_ramp", max_length: int | None = None, seed: int = 0,
-                        **config_overrides) -> "EarlyExitModel":
+                        ramp_pooler: str = "per_ramp", ramp_input: str = "cls", max_length: int | None = None,
+                        seed: int = 0, **config_overrides) -> "EarlyExitModel":
         """Load a Hugging Face checkpoint (local directory or hub id) and add fresh ramps.
 
         Reads `config.json`, the safetensors weights and the tokenizer files; no torch needed.
@@ -102,7 +103,8 @@ class EarlyExitModel:
         """
         directory = hf_import.resolve(name_or_path)
         config = EncoderConfig.from_hf_file(
-            directory / "config.json", num_labels=num_labels, ramp_pooler=ramp_pooler, **config_overrides
+            directory / "config.json", num_labels=num_labels, ramp_pooler=ramp_pooler, ramp_input=ramp_input,
+            **config_overrides
         )
         limit = config.max_position_embeddings - (config.pad_token_id + 1 if config.arch == "roberta" else 0)
         if max_length is None:
@@ -197,8 +199,9 @@ class EarlyExitModel:
 
     def first_token_steps(self, shape: tuple[int, int]) -> bool:
         """Whether a batch of `shape` (rows, length) runs the first-token exit steps (at least
-        `first_token_steps_from` tokens) rather than the plain layer step, on host and device."""
-        return shape[0] * shape[1] >= self.first_token_steps_from
+        `first_token_steps_from` tokens, and ramps that read the first token) rather than the plain
+        layer step, on host and device. Mean-pooled ramps read every token of their layer."""
+        return self.config.ramp_input == "cls" and shape[0] * shape[1] >= self.first_token_steps_from
 
     def layer_params(self, layer: int) -> dict:
         return modeling.layer_params(self.config, self.params, layer)

@@ -15,6 +15,7 @@ ARCHITECTURES = {
     "albert": "albert",
 }
 RAMP_POOLERS = ("per_ramp", "shared")
+RAMP_INPUTS = ("cls", "mean")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -65,12 +66,14 @@ class EncoderConfig(DictConfig):
     # Multi-exit head.
     num_labels: int = 2  # 1 means regression (STS-B)
     ramp_pooler: str = "per_ramp"  # "per_ramp" (DeeBERT) or "shared" (PABEE / PCEE)
+    ramp_input: str = "cls"  # what a ramp reads of its layer: the first token (the papers) or the masked mean
     classifier_dropout: float | None = None  # None: hidden_dropout_prob, as in BERT
     dtype: str = "float32"  # compute dtype; parameters are always float32
 
     def __post_init__(self):
         _check(self.arch in set(ARCHITECTURES.values()), f"arch must be one of bert, roberta, albert, got {self.arch!r}")
         _check(self.ramp_pooler in RAMP_POOLERS, f"ramp_pooler must be one of {RAMP_POOLERS}, got {self.ramp_pooler!r}")
+        _check(self.ramp_input in RAMP_INPUTS, f"ramp_input must be one of {RAMP_INPUTS}, got {self.ramp_input!r}")
         _check(self.hidden_act in ACTIVATIONS, f"hidden_act {self.hidden_act!r} is not supported (known: {ACTIVATIONS})")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.num_labels >= 1, f"num_labels must be >= 1, got {self.num_labels}")

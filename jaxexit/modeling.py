@@ -64,6 +64,20 @@ def attention_bias(attention_mask: jax.Array, dtype=jnp.float32) -> jax.Array:
     return (1.0 - mask) * jnp.finfo(dtype).min
 
 
+def ramp_input(cfg: EncoderConfig, hidden: jax.Array, bias: jax.Array) -> jax.Array:
+    """What a ramp reads of a layer's states `hidden [..., B, T, H]` (any leading axes): `[..., B, H]`.
+
+    `cls`: the first token's state (the papers). `mean`: the mean of the token states over the
+    attention mask, the natural input for checkpoints trained with mean pooling (sentence-embedding
+    models), whose first token barely varies in early layers. `bias` is `attention_bias`'s
+    `[B, 1, 1, T]` (0 where attended), which every step carries anyway.
+    """
+    if cfg.ramp_input == "cls":
+        return hidden[..., 0, :]
+    mask = (bias[:, 0, 0, :] == 0).astype(hidden.dtype)[:, :, None]  # [B, T, 1]
+    return (hidden * mask).sum(-2) / mask.sum(-2)
+
+
 def position_ids(cfg: EncoderConfig, input_ids: jax.Array) -> jax.Array:
     """BERT/ALBERT: 0..T-1. RoBERTa: padding_idx + 1 + rank among non-pad tokens; pads get padding_idx."""
     if cfg.arch == "roberta":
@@ -182,20 +196,21 @@ class Pooler(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, first_token):
-        return jnp.tanh(_dense(self.cfg, self.cfg.hidden_size, "dense")(first_token))
+    def __call__(self, features):
+        return jnp.tanh(_dense(self.cfg, self.cfg.hidden_size, "dense")(features))
 
 
 class Ramp(nn.Module):
-    """Off-ramp: pooler (dense + tanh) on the first token -> dropout -> classifier. Logits in fp32."""
+    """Off-ramp: pooler (dense + tanh) on the ramp input (`ramp_input`) -> dropout -> classifier.
+    Logits in fp32."""
 
     cfg: EncoderConfig
     pooler: nn.Module | None = None  # a shared Pooler owned elsewhere (PABEE/PCEE), else its own
 
     @nn.compact
-    def __call__(self, first_token, deterministic: bool = True):
+    def __call__(self, features, deterministic: bool = True):
         pooler = self.pooler if self.pooler is not None else Pooler(self.cfg, name="pooler")
-        x = nn.Dropout(self.cfg.ramp_dropout)(pooler(first_token), deterministic=deterministic)
+        x = nn.Dropout(self.cfg.ramp_dropout)(pooler(features), deterministic=deterministic)
         return _dense(self.cfg, self.cfg.num_labels, "classifier")(x).astype(jnp.float32)
 
 
@@ -232,16 +247,17 @@ class _LayerStack(nn.Module):
 
 
 class Ramps(nn.Module):
-    """Ramps 1..K applied to the first-token states `[K, B, H]` (K <= L); returns logits `[K, B, C]`."""
+    """Ramps 1..K applied to their inputs `[K, B, H]` (`ramp_input` of layers 1..K, K <= L);
+    returns logits `[K, B, C]`."""
 
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, first_tokens, deterministic: bool = True):
+    def __call__(self, features, deterministic: bool = True):
         shared = Pooler(self.cfg, name="pooler") if self.cfg.ramp_pooler == "shared" else None
         return jnp.stack(
-            [Ramp(self.cfg, pooler=shared, name=str(i))(first_tokens[i], deterministic)
-             for i in range(first_tokens.shape[0])]
+            [Ramp(self.cfg, pooler=shared, name=str(i))(features[i], deterministic)
+             for i in range(features.shape[0])]
         )
 
 
@@ -260,15 +276,16 @@ class MultiExitEncoder(nn.Module):
     def __call__(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True,
                  output_hidden_states: bool = False):
         hidden = self.encode(input_ids, token_type_ids, attention_mask, deterministic)
-        logits = self.classify(hidden[1:, :, 0], deterministic)
+        logits = self.classify(ramp_input(self.cfg, hidden[1:], attention_bias(attention_mask)), deterministic)
         return logits, (hidden if output_hidden_states else None)
 
     def encode(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True,
                num_layers: int | None = None):
         return self.backbone(input_ids, token_type_ids, attention_mask, deterministic, num_layers)
 
-    def classify(self, first_tokens, deterministic: bool = True):
-        return self.ramps(first_tokens, deterministic)
+    def classify(self, features, deterministic: bool = True):
+        """Ramps on their inputs `[K, B, H]` (`ramp_input` of layers 1..K)."""
+        return self.ramps(features, deterministic)
 
 
 # ---- piecewise ---------------------------------------------------------------------------------
@@ -305,7 +322,7 @@ def layer_ramp_step(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden,
     rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 0)}
     h = Layer(cfg).apply({"params": layer_p}, hidden, bias, deterministic=rng is None, rngs=rngs)
     rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 1)}
-    logits = Ramp(cfg).apply({"params": ramp_p}, h[:, 0], deterministic=rng is None, rngs=rngs)
+    logits = Ramp(cfg).apply({"params": ramp_p}, ramp_input(cfg, h, bias), deterministic=rng is None, rngs=rngs)
     return h, logits
 
 
@@ -320,6 +337,8 @@ def layer_ramp_step(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden,
 # (`EarlyExitModel.first_token_steps`). Deterministic (inference) only; `layer_ramp_step` is the
 # plain step.
 def _first_token_exit(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden, bias):
+    if cfg.ramp_input != "cls":
+        raise ValueError(f"the first-token exit steps need ramp_input 'cls', not {cfg.ramp_input!r}")
     out, kv = Layer(cfg).apply({"params": layer_p}, hidden, bias, queries=hidden[:, :1], return_kv=True)
     return kv, Ramp(cfg).apply({"params": ramp_p}, out[:, 0])
 

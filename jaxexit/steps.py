@@ -48,7 +48,8 @@ def stage_loss(cfg: EncoderConfig, stage: int, params, batch, rng):
     if stage == 1:
         hidden = module.apply({"params": {"backbone": params["backbone"]}}, *_inputs(batch), **train,
                               rngs={"dropout": rng_backbone}, method="encode")
-        logits = modeling.Ramp(cfg).apply({"params": modeling.ramp_params(cfg, params, L - 1)}, hidden[-1][:, 0],
+        features = modeling.ramp_input(cfg, hidden[-1], modeling.attention_bias(batch["attention_mask"]))
+        logits = modeling.Ramp(cfg).apply({"params": modeling.ramp_params(cfg, params, L - 1)}, features,
                                           **train, rngs={"dropout": rng_ramps})
         losses = ramp_losses(logits[None], *args)
         return losses[0], losses
@@ -60,10 +61,10 @@ def stage_loss(cfg: EncoderConfig, stage: int, params, batch, rng):
     raise ValueError("stage 2 takes ramp parameters only: use stage2_loss")
 
 
-def stage2_loss(cfg: EncoderConfig, ramps, first_tokens, batch, rng):
+def stage2_loss(cfg: EncoderConfig, ramps, features, batch, rng):
     """Sum of ramps 1..L-1's losses, as a function of the ramp subtree alone."""
     logits = modeling.MultiExitEncoder(cfg).apply(
-        {"params": {"ramps": ramps}}, first_tokens, deterministic=False, rngs={"dropout": rng}, method="classify"
+        {"params": {"ramps": ramps}}, features, deterministic=False, rngs={"dropout": rng}, method="classify"
     )
     losses = ramp_losses(logits, batch["label"], batch["weight"], cfg.is_regression)
     return losses.sum(), losses
@@ -79,10 +80,11 @@ def train_step(cfg: EncoderConfig, stage: int, tx: optax.GradientTransformation,
             {"params": {"backbone": params["backbone"]}}, *_inputs(batch), deterministic=False,
             rngs={"dropout": rng_backbone}, method="encode", num_layers=cfg.num_hidden_layers - 1,
         )
-        first_tokens = jax.lax.stop_gradient(hidden[1:, :, 0])  # a constant: no backward into the backbone
+        features = modeling.ramp_input(cfg, hidden[1:], modeling.attention_bias(batch["attention_mask"]))
+        features = jax.lax.stop_gradient(features)  # a constant: no backward into the backbone
         (loss, losses), ramp_grads = jax.value_and_grad(
             functools.partial(stage2_loss, cfg), has_aux=True
-        )(params["ramps"], first_tokens, batch, rng_ramps)
+        )(params["ramps"], features, batch, rng_ramps)
         grads = {"backbone": jax.tree_util.tree_map(jnp.zeros_like, params["backbone"]), "ramps": ramp_grads}
     else:
         (loss, losses), grads = jax.value_and_grad(

@@ -89,7 +89,7 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
 
     # Model and tokenizer.
     model = EarlyExitModel.from_pretrained(cfg.model, num_labels=task.num_labels, ramp_pooler=cfg.pooler,
-                                           max_length=cfg.max_length, seed=cfg.seed)
+                                           ramp_input=cfg.ramp_input, max_length=cfg.max_length, seed=cfg.seed)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer files; fine-tuning needs them")
     mcfg, tokenizer = model.config, model.tokenizer
@@ -100,6 +100,9 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
         return _limit(glue.load_examples(task, split, cfg.data_dir, skip_bad_rows=cfg.skip_bad_rows), limit)
 
     train_split = batches.encode_examples(tokenizer, task, examples("train", cfg.max_train_examples))
+    if task.is_regression:  # fresh regression ramps start at the labels' mean (DESIGN.md, The model)
+        fresh = range(mcfg.num_hidden_layers - 1) if cfg.stage1_from else range(mcfg.num_hidden_layers)
+        start = ramps_at_label_mean(start, fresh, float(np.mean(train_split.labels)))
     devs = {s: batches.encode_examples(tokenizer, task, examples(s, cfg.max_eval_examples)) for s in task.dev_splits}
 
     if run is None:
@@ -214,6 +217,18 @@ def _train_stage(job: _Job, stage: int, params, total: int, offset: int, resume:
     return state["params"], scores
 
 
+def ramps_at_label_mean(params: dict, ramps, mean: float) -> dict:
+    """`params` with the output bias of ramps `ramps` (0-based) set to `mean`, the training labels'
+    mean (regression): a ramp starting at zero would have squared errors of ~mean^2 (~9 on STS-B)
+    and dominate the joint loss. Other leaves are shared, not copied."""
+    out = {**params, "ramps": dict(params["ramps"])}
+    for i in ramps:
+        ramp = out["ramps"][str(i)]
+        classifier = {**ramp["classifier"], "bias": np.full_like(np.asarray(ramp["classifier"]["bias"]), mean)}
+        out["ramps"][str(i)] = {**ramp, "classifier": classifier}
+    return out
+
+
 def _stage1_params(cfg: TrainConfig, task: glue.Task, fresh: EarlyExitModel) -> dict:
     """Stage 2's starting point from a finished run: its backbone and ramp L, fresh ramps 1..L-1.
 
@@ -224,7 +239,7 @@ def _stage1_params(cfg: TrainConfig, task: glue.Task, fresh: EarlyExitModel) -> 
     saved_task = RunDir(cfg.stage1_from).train_config().get("task")
     mine, theirs = fresh.config, source.config
     mismatch = [f"{name}: {getattr(theirs, name)} != {getattr(mine, name)}"
-                for name in ("num_hidden_layers", "hidden_size", "num_labels", "ramp_pooler", "vocab_size")
+                for name in ("num_hidden_layers", "hidden_size", "num_labels", "ramp_pooler", "ramp_input", "vocab_size")
                 if getattr(theirs, name) != getattr(mine, name)]
     if saved_task != task.name or mismatch:
         raise ValueError(f"stage1_from {cfg.stage1_from} does not fit this run (task {saved_task} vs {task.name}"
