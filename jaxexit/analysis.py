@@ -41,10 +41,8 @@ HISTOGRAM_LEVELS = (0.1, 0.3, 0.6, 0.9)  # entropy thresholds as fractions of ln
 def _calibrated(name, logits, labels, metric, halves, **rule) -> dict:
     """Calibrate on the calibration half, report on the report half; a row with `note` if no
     setting qualifies."""
-    cal_rows, report_rows = halves
     try:
-        cal = offline.calibrate(name, logits[:, cal_rows], labels[cal_rows], metric,
-                                heldout=(logits[:, report_rows], labels[report_rows]), **rule)
+        cal = offline.calibrate_on_halves(name, logits, labels, metric, halves, **rule)
     except ValueError as e:
         return {"policy": name, "note": str(e)}
     held = cal.heldout
@@ -114,8 +112,7 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
         "checkpoint": str(run.path), "scheme": train_cfg["scheme"], "seed": train_cfg["seed"],
         "model": train_cfg["model"], "num_layers": L, "n": N, "command": command,
         "split_seed": split_seed, "calibration_n": len(cal_rows), "report_n": len(report_rows),
-        "halves": f"thresholds chosen on a random half of the {N} inputs ({len(cal_rows)}, split seed {split_seed}), "
-                  f"reported on the other {len(report_rows)}",
+        "halves": "thresholds " + offline.describe_halves(halves, split_seed),
         "full_score": offline.full_score(logits, labels, metric),
         "full_score_report": offline.full_score(logits[:, report_rows], labels[report_rows], metric),
         "per_layer": [metrics.task_metrics(task, p, labels) for p in offline.ramp_predictions(logits)],

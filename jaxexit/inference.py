@@ -38,6 +38,9 @@ _IMPLIED = (
 )
 
 
+PARAM_FLAGS = ("patience", "tau", "S", "t", "delta", "k")  # infer/run.py's policy parameter flags
+
+
 def policy_name(name: str | None, params: dict) -> str:
     """`--policy`, or the policy its parameter flags imply (see `_IMPLIED`)."""
     given = {k for k, v in params.items() if v is not None}
@@ -54,9 +57,11 @@ def policy_name(name: str | None, params: dict) -> str:
 def policy_from_args(name: str | None, params: dict, num_layers: int, num_labels: int) -> policies.Policy:
     """The policy `--policy` names, or the one its parameter flags imply (see `_IMPLIED`)."""
     given = {k: v for k, v in params.items() if v is not None}
-    if name is None and policy_name(None, given) == "pcee":
+    implied = name is None
+    name = policy_name(name, given)
+    if implied and name == "pcee":
         given.setdefault("patience", 1)
-    return policies.make_policy(policy_name(name, given), num_layers, num_labels, **given)
+    return policies.make_policy(name, num_layers, num_labels, **given)
 
 
 def load_inputs(run: RunDir, model: EarlyExitModel, task: glue.Task, split: str, data_dir: str | None,
@@ -223,14 +228,12 @@ def calibrate(task: glue.Task, name: str, cached: np.ndarray, labels: np.ndarray
               max_drop=None, fixed: dict | None = None, seed: int = 0) -> dict:
     """Choose the policy's open parameters (those not in `fixed`) on a seeded random half of the
     split (`offline.split_halves`) and report the choice on the other half."""
-    cal_rows, report_rows = offline.split_halves(len(labels), seed)
-    cal = offline.calibrate(name, cached[:, cal_rows], labels[cal_rows], metrics.primary_scorer(task),
-                            target_saving=target_saving, max_drop=max_drop, fixed=fixed,
-                            heldout=(cached[:, report_rows], labels[report_rows]))
+    halves = offline.split_halves(len(labels), seed)
+    cal = offline.calibrate_on_halves(name, cached, labels, metrics.primary_scorer(task), halves,
+                                      target_saving=target_saving, max_drop=max_drop, fixed=fixed)
     return {"policy": cal.policy.as_dict(), "fixed": cal.fixed, "chosen": cal.chosen, "rule": cal.rule,
             "split_seed": seed, "calibration_half": cal.calibration, "report_half": cal.heldout,
-            "halves": f"chosen on a random half of the {len(labels)} inputs ({len(cal_rows)}, split seed {seed}), "
-                      f"reported on the other {len(report_rows)}"}
+            "halves": offline.describe_halves(halves, seed)}
 
 
 def format_calibration(name: str, cal: dict) -> str:
@@ -319,9 +322,6 @@ def main_cli(args) -> dict:
     return {"splits": results}
 
 
-PARAM_FLAGS = ("patience", "tau", "S", "t", "delta", "k")
-
-
 def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag) -> dict:
     split_name = meta["split"]
     if labels is None:
@@ -376,7 +376,7 @@ def side_by_side(task: glue.Task, results: dict) -> str:
     MNLI's matched and mismatched dev sets."""
     lines = [f"{task.tsv_dir}, side by side:"]
     for split_name, r in results.items():
-        row = r.get("calibration", {}).get("report_half") if "calibration" in r else r
+        row = r["calibration"]["report_half"] if "calibration" in r else r
         if not row or "score" not in row:
             continue
         wall = f", wall saving {r['wall_saving']:.3f}" if "wall_saving" in r else ""

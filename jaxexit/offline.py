@@ -252,8 +252,8 @@ def calibration_grid(name: str, num_layers: int, num_labels: int, fixed: Mapping
     others are searched. Raises ValueError for a parameter the policy does not take, an invalid
     value, or nothing left to search."""
     fixed = dict(fixed or {})
-    names = policies.param_names(name, num_labels) if name in policies.POLICIES else ()
-    grid = default_grid(name, num_layers, num_labels)  # also refuses unknown policies and regression
+    grid = default_grid(name, num_layers, num_labels)  # refuses unknown policies and regression first
+    names = policies.param_names(name, num_labels)
     wrong = sorted(set(fixed) - set(names))
     if wrong:
         raise ValueError(f"policy {name!r} takes {', '.join(names)}; {', '.join(wrong)} cannot apply to it")
@@ -337,6 +337,22 @@ def calibrate(name: str, logits, labels, metric: Metric, *, target_saving: float
         report = _with_drop(evaluate(policy, held_logits, held_labels, metric).row(), held_full)
     picked = {k: v for k, v in policy.params if k not in fixed}
     return Calibration(policy, rule, chosen, report, {k: policy[k] for k in fixed}, picked)
+
+
+def calibrate_on_halves(name: str, logits, labels, metric: Metric, halves: tuple, **rule) -> Calibration:
+    """`calibrate` on the calibration half `halves[0]`, reported on the report half `halves[1]`
+    (index arrays from `split_halves`); `rule` is calibrate's keyword arguments."""
+    cal_rows, report_rows = halves
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    return calibrate(name, logits[:, cal_rows], labels[cal_rows], metric,
+                     heldout=(logits[:, report_rows], labels[report_rows]), **rule)
+
+
+def describe_halves(halves: tuple, seed: int) -> str:
+    """Which inputs a calibration was chosen and reported on, for result files and summaries."""
+    cal_rows, report_rows = halves
+    return (f"chosen on a random half of the {len(cal_rows) + len(report_rows)} inputs ({len(cal_rows)}, "
+            f"split seed {seed}), reported on the other {len(report_rows)}")
 
 
 def _with_drop(row: dict, full: float) -> dict:

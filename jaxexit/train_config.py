@@ -8,11 +8,9 @@ import re
 import types
 import typing
 
-from jaxexit.config import DictConfig
+from jaxexit.config import RAMP_INPUTS, RAMP_POOLERS, DictConfig
 
 SCHEMES = ("two_stage", "joint")
-POOLERS = ("per_ramp", "shared")
-RAMP_INPUTS = ("cls", "mean")
 
 
 def _field(default, help: str, choices: tuple | None = None):
@@ -31,7 +29,7 @@ class TrainConfig(DictConfig):
     scheme: str = _field("two_stage", "two_stage: DeeBERT's two stages; joint: PABEE/PCEE's weighted sum "
                                       "of all ramps' losses", SCHEMES)
     ramp_pooler: str | None = _field(None, "one pooler per ramp or one shared by all (default: per_ramp for "
-                                           "two_stage, shared for joint, as the papers)", POOLERS)
+                                           "two_stage, shared for joint, as the papers)", RAMP_POOLERS)
     ramp_input: str = _field("cls", "what each ramp reads of its layer: cls, the first token (the papers); mean, "
                                     "the masked mean of the token states (mean-pooling checkpoints)", RAMP_INPUTS)
     max_length: int = _field(128, "tokens per input after truncation")
@@ -61,7 +59,8 @@ class TrainConfig(DictConfig):
     def __post_init__(self):
         checks = [
             (self.scheme in SCHEMES, f"scheme must be one of {SCHEMES}, got {self.scheme!r}"),
-            (self.ramp_pooler in (None, *POOLERS), f"ramp_pooler must be one of {POOLERS}, got {self.ramp_pooler!r}"),
+            (self.ramp_pooler in (None, *RAMP_POOLERS),
+             f"ramp_pooler must be one of {RAMP_POOLERS}, got {self.ramp_pooler!r}"),
             (self.ramp_input in RAMP_INPUTS, f"ramp_input must be one of {RAMP_INPUTS}, got {self.ramp_input!r}"),
             (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
             (2 <= self.max_length <= 4096, f"max_length must be in [2, 4096], got {self.max_length}"),
