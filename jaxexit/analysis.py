@@ -3,12 +3,16 @@
 `analyze(run)` writes, for one run (see `infer/analyze.py`):
 
 * DeeBERT Table 1: the full model against the entropy policy (pabee for regression) at the
-  largest saving with under 0.5 point drop and at the largest saving within a 4 point drop;
+  largest saving with under 0.5 point drop, within 1 point and within 4 points (the paper's
+  "2-4 point" regime), with the measured wall saving of each chosen setting in latency mode;
 * PCEE-BERT Table 2: every policy at savings near 25%, 50% and 75%, static (budgeted) exit as
   the reference;
 * figures: score against saving for every policy (DeeBERT Figure 2, PCEE-BERT Figure 3),
   per-layer score (DeeBERT Figure 4), exit-layer histograms at several thresholds (DeeBERT
-  Figure 6) and measured wall saving against saving in latency mode (DeeBERT Figure 3).
+  Figure 6), measured wall saving against saving in latency mode (DeeBERT Figure 3), and PCEE
+  at patience 1, 2, 3, 6 over a fine tau grid: score against saving and average exit layer
+  against tau (PCEE-BERT Figures 7 and 8, its "any speed-up ratio" claim), PABEE's few
+  reachable savings beside it.
 
 Every threshold is chosen on a seeded random half of the split (the calibration half,
 `offline.split_halves`; the seed is in `analysis.json`) and reported on the other half (the report
@@ -34,7 +38,9 @@ from jaxexit import glue, metrics, offline, policies, runners
 from jaxexit.api import EarlyExitModel
 
 TARGET_SAVINGS = (0.25, 0.5, 0.75)
-DEEBERT_DROPS = (0.005, 0.04)  # under 0.5 point; within 4 points (the papers' "2-4 point" regime)
+DEEBERT_DROPS = (0.005, 0.01, 0.04)  # under 0.5 point; within 1 point; within 4 (the "2-4 point" regime)
+PCEE_FIGURE_PATIENCE = (1, 2, 3, 6)  # PCEE-BERT Figure 8 (12 layers); those below L are drawn
+PCEE_FIGURE_TAUS = tuple(round(float(t), 2) for t in np.linspace(0.0, 1.0, 101))
 HISTOGRAM_LEVELS = (0.1, 0.3, 0.6, 0.9)  # entropy thresholds as fractions of ln C
 
 
@@ -69,6 +75,29 @@ def histogram_settings(num_layers: int, num_labels: int) -> list[policies.Policy
         return [policies.make_policy("pabee", num_layers, 1, patience=p, delta=0.1) for p in range(1, num_layers)]
     return [policies.make_policy("entropy", num_layers, num_labels, S=round(f * math.log(num_labels), 4))
             for f in HISTOGRAM_LEVELS]
+
+
+def pcee_curves(logits, labels, metric) -> dict | None:
+    """PCEE-BERT Figures 7 and 8 on the whole split (nothing is chosen, so nothing is held out):
+    for each patience, score, saving and average exit layer at every tau of a 0.01 grid, and the
+    largest saving jump between neighbouring taus (small: any saving in the range is reachable);
+    PABEE's reachable savings (one per patience) beside it. None for regression (no entropy)."""
+    L, _, C = logits.shape
+    if C == 1:
+        return None
+    patience = [p for p in PCEE_FIGURE_PATIENCE if p < L]
+    grid = [{"patience": p, "tau": t} for p in patience for t in PCEE_FIGURE_TAUS]
+    rows = offline.sweep(logits, labels, metric, {"pcee": grid})
+    curves = []
+    for i, p in enumerate(patience):
+        part = rows[i * len(PCEE_FIGURE_TAUS):(i + 1) * len(PCEE_FIGURE_TAUS)]
+        saving = [r["saving"] for r in part]
+        curves.append({"patience": p, "score": [r["score"] for r in part], "saving": saving,
+                       "avg_layers": [r["avg_layers"] for r in part],
+                       "largest_step": max(abs(b - a) for a, b in zip(saving, saving[1:]))})
+    pabee = [{"params": r["params"], "score": r["score"], "saving": r["saving"]}
+             for r in offline.sweep(logits, labels, metric, {"pabee": None})]
+    return {"taus": list(PCEE_FIGURE_TAUS), "curves": curves, "pabee": pabee}
 
 
 def wall_savings(model: EarlyExitModel, split, settings: list[policies.Policy]) -> dict:
@@ -119,6 +148,7 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
         "deebert": deebert_rows(task, logits, labels, halves),
         "pcee": pcee_rows(task, logits, labels, halves),
         "histograms": [offline.evaluate(p, logits, labels, metric).row() for p in histogram_settings(L, C)],
+        "pcee_curves": pcee_curves(logits, labels, metric),
     }
     _, _, sweep_rows = inference.sweep(task, logits, labels, out / "tradeoff")
     result["settings_swept"] = len(sweep_rows)
@@ -134,6 +164,8 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
     plot_histograms(result, out / "exit_histograms.png")
     if "timing" in result:
         plot_wall_saving(result, out / "wall_saving.png")
+    if result["pcee_curves"]:
+        plot_pcee_curves(result, out / "pcee_patience.png")
     (out / "tables.md").write_text(tables([result], command=command))
     return result
 
@@ -199,6 +231,32 @@ def plot_wall_saving(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_pcee_curves(result: dict, path: Path) -> None:
+    """PCEE-BERT Figure 7 (score vs saving per patience, PABEE's points beside) and Figure 8
+    (average exit layer vs tau per patience)."""
+    plt = _pyplot()
+    curves = result["pcee_curves"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for c in curves["curves"]:
+        left.plot(c["saving"], c["score"], marker=".", ms=3, lw=1, label=f"pcee patience {c['patience']}")
+        right.plot(curves["taus"], c["avg_layers"], lw=1.5, label=f"patience {c['patience']}")
+    left.scatter([r["saving"] for r in curves["pabee"]], [r["score"] for r in curves["pabee"]], marker="x",
+                 color="black", zorder=3, label="pabee (patience 1..L)")
+    left.set_xlabel("saving = 1 - avg_layers / L")
+    left.set_ylabel(f"{result['tsv_dir']} {result['split']} {result['metric']}")
+    left.set_title("Score vs saving (PCEE-BERT Figure 7 form)", fontsize=10)
+    right.set_xlabel("tau (normalised entropy threshold)")
+    right.set_ylabel("average exit layer")
+    right.set_ylim(0, result["num_layers"] + 0.2)
+    right.set_title("Average exit layer vs tau (PCEE-BERT Figure 8 form)", fontsize=10)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ---- tables over runs --------------------------------------------------------------------------------
 def _pts(values: list[float]) -> str:
     """Points (x100): the value, or mean ± standard deviation over seeds."""
@@ -238,6 +296,41 @@ def _cell(rows: list[dict | None]) -> str:
     return f"{_pts([r['score'] for r in rows])} ({_pts([r['saving'] for r in rows])}%)"
 
 
+def _wall_saving(analysis: dict, row: dict) -> float | None:
+    """The measured wall saving of a chosen setting (latency mode), if it was timed."""
+    for t in analysis.get("timing", {}).get("settings", []):
+        if t["policy"] == row.get("policy") and t["params"] == row.get("params"):
+            return t["wall_saving"]
+    return None
+
+
+def _deebert_cell(runs: list[dict], drop: float) -> str:
+    rows = [next(r for r in a["deebert"] if r["max_drop"] == drop) for a in runs]
+    cell = _cell(rows)
+    walls = [_wall_saving(a, r) for a, r in zip(runs, rows)]
+    if cell != "n/a" and all(w is not None for w in walls):
+        cell = cell[:-1] + f", wall {_pts(walls)}%)"
+    return cell
+
+
+def _coverage_rows(groups: dict[str, list[dict]]) -> list[str]:
+    """PCEE-BERT Figure 8's claim in numbers: per patience, the savings tau reaches and the largest
+    jump between neighbouring taus; PABEE's reachable savings (first seed of each setup)."""
+    out = []
+    for task, runs in sorted(groups.items()):
+        curves = runs[0].get("pcee_curves")
+        if not curves:
+            continue
+        pcee = "; ".join(f"p={c['patience']}: {100 * min(c['saving']):.0f}-{100 * max(c['saving']):.0f}% "
+                         f"(step <= {100 * c['largest_step']:.1f})" for c in curves["curves"])
+        pabee = ", ".join(f"{100 * r['saving']:.0f}" for r in sorted(curves["pabee"], key=lambda r: r["saving"]))
+        out.append(f"| {task} | {pcee} | {pabee} |")
+    if out:
+        out = ["| task | PCEE: savings over tau in [0, 1] (largest jump between taus 0.01 apart), % | "
+               "PABEE: the only savings it reaches, % |", "|---|---|---|"] + out + [""]
+    return out
+
+
 def tables(analyses: list[dict], command: str = "") -> str:
     """Markdown: DeeBERT Table 1 (two_stage runs), PCEE-BERT Table 2 (joint runs), per-layer scores."""
     out = []
@@ -257,14 +350,17 @@ def tables(analyses: list[dict], command: str = "") -> str:
     for scheme in sorted({a["scheme"] for a in analyses}):
         groups = _group(analyses, scheme)
         out += [f"### DeeBERT Table 1 form ({scheme} checkpoints)", "",
-                "| task (metric) | seeds | full model | largest saving with drop < 0.5 on the calibration half "
-                "| largest saving with drop <= 4 on the calibration half |",
-                "|---|---|---|---|---|"]
+                "Largest saving whose drop on the calibration half is at most the column's; `wall` is the "
+                "measured wall saving of that setting in latency mode (batch 1, on up to "
+                f"{runs_timed(analyses)} report-half inputs).", "",
+                "| task (metric, policy) | seeds | full model | "
+                + " | ".join(f"drop {'<' if d == DEEBERT_DROPS[0] else '<='} {100 * d:g}" for d in DEEBERT_DROPS)
+                + " |", "|---|---|---|" + "---|" * len(DEEBERT_DROPS)]
         for task, runs in sorted(groups.items()):
-            cells = [_cell([next(r for r in a["deebert"] if r["max_drop"] == d) for a in runs]) for d in DEEBERT_DROPS]
+            cells = [_deebert_cell(runs, d) for d in DEEBERT_DROPS]
             policy = runs[0]["deebert"][0]["policy"]
             out.append(f"| {task} ({runs[0]['metric']}, {policy}) | {len(runs)} | "
-                       f"{_pts([a['full_score_report'] for a in runs])} | {cells[0]} | {cells[1]} |")
+                       f"{_pts([a['full_score_report'] for a in runs])} | " + " | ".join(cells) + " |")
         out.append("")
         out += [f"### PCEE-BERT Table 2 form ({scheme} checkpoints)", ""]
         for task, runs in sorted(groups.items()):
@@ -278,6 +374,10 @@ def tables(analyses: list[dict], command: str = "") -> str:
                                 for a in runs]) for t in TARGET_SAVINGS]
                 out.append(f"| {name}{' (reference)' if name == 'static' else ''} | " + " | ".join(cells) + " |")
             out.append("")
+        coverage = _coverage_rows(groups)
+        if coverage:
+            out += [f"### PCEE-BERT Figure 8 form: which savings each policy reaches ({scheme} checkpoints, "
+                    "whole dev)", ""] + coverage
         out += [f"### Per-layer score ({scheme} checkpoints, whole dev)", "",
                 "| task (metric) | " + " | ".join(f"ramp {i + 1}" for i in range(analyses[0]["num_layers"])) + " |",
                 "|---|" + "---|" * analyses[0]["num_layers"]]
@@ -287,6 +387,10 @@ def tables(analyses: list[dict], command: str = "") -> str:
             out.append(f"| {task} ({metric}) | " + " | ".join(cols) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def runs_timed(analyses: list[dict]) -> int:
+    return max((a.get("timing", {}).get("inputs", 0) for a in analyses), default=0)
 
 
 def load_analyses(paths) -> list[dict]:

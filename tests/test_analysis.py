@@ -36,7 +36,7 @@ def test_analyze_writes_tables_figures_and_held_out_numbers(tiny_runs, capsys):
     out = root / "out1"
     result = analyze_cli.main([str(runs[1]), "--out", str(out), "--timing-inputs", "8"])
     for name in ("analysis.json", "tables.md", "logits.npy", "tradeoff.csv", "tradeoff.png", "per_layer.png",
-                 "exit_histograms.png", "wall_saving.png"):
+                 "exit_histograms.png", "wall_saving.png", "pcee_patience.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "analysis.json").read_text())
     assert json.dumps(result, indent=1) + "\n" == (out / "analysis.json").read_text()  # main() returns what it wrote
@@ -61,7 +61,26 @@ def test_analyze_writes_tables_figures_and_held_out_numbers(tiny_runs, capsys):
     assert [r["max_drop"] for r in saved["deebert"]] == list(analysis.DEEBERT_DROPS)
     assert {r["policy"] for r in saved["pcee"]} == {"entropy", "pcee", "maxprob", "pabee", "static"}
     assert saved["timing"]["inputs"] == 8 and saved["timing"]["settings"]
-    assert "DeeBERT Table 1 form" in capsys.readouterr().out
+    # Each DeeBERT row's chosen setting was timed; its wall saving is in the table cell.
+    table = capsys.readouterr().out
+    assert "DeeBERT Table 1 form" in table
+    for row in saved["deebert"]:
+        if "params" in row:
+            wall = analysis._wall_saving(saved, row)
+            assert wall is not None
+            assert f"{100 * row['score']:.1f} ({100 * row['saving']:.1f}%, wall {100 * wall:.1f}%)" in table
+    # PCEE-BERT Figures 7/8: every tau of the grid at patience 1, 2 (L = 3), on the whole split.
+    curves = saved["pcee_curves"]
+    assert [c["patience"] for c in curves["curves"]] == [1, 2] and len(curves["taus"]) == 101
+    for c in curves["curves"]:
+        for i in (0, 37, 100):
+            ev = offline.evaluate(offline.Policy("pcee", 3, 2, (("patience", c["patience"]), ("tau", curves["taus"][i]))),
+                                  logits, labels, analysis.metrics.accuracy)
+            assert (c["score"][i], c["saving"][i], c["avg_layers"][i]) == (ev.score, ev.saving, ev.avg_layers)
+        assert c["saving"][0] == 0.0 and max(c["saving"]) <= 1 - c["patience"] / 3 + 1e-12
+        assert c["largest_step"] == max(abs(b - a) for a, b in zip(c["saving"], c["saving"][1:]))
+    assert [r["params"] for r in curves["pabee"]] == [{"patience": p} for p in (1, 2, 3)]
+    assert "PCEE-BERT Figure 8 form" in table
 
 
 def test_tables_report_mean_and_spread_over_seeds(tiny_runs):
@@ -71,7 +90,7 @@ def test_tables_report_mean_and_spread_over_seeds(tiny_runs):
     full = [100 * r["full_score_report"] for r in results]
     assert f"| SST-2 (accuracy, entropy) | 2 | {np.mean(full):.1f} ± {np.std(full, ddof=1):.1f} |" in text
     assert "static (reference)" in text and "Made by: `cmd`" in text
-    assert "largest saving with drop < 0.5 on the calibration half" in text
+    assert "| drop < 0.5 | drop <= 1 | drop <= 4 |" in text
     assert "(SST-2 validation: 30 calibration / 30 report inputs, split seed 0)" in text  # once per task
     reseeded = analysis.analyze(runs[1], root / "seed1-other-split", timing_inputs=0, split_seed=7)
     logits = np.load(root / "seed1" / "logits.npy")
