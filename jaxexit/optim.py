@@ -23,17 +23,17 @@ def _path(keys) -> str:
 def stage_rules(stage: int, num_layers: int) -> list[tuple[str, str]]:
     """(regex over "backbone/.../kernel" paths, label) rules; the first match wins.
 
-    stage 0 is the joint scheme (everything trains); stage 1 trains the backbone and ramp L
-    (with the shared pooler, if any); stage 2 trains ramps 1..L-1 only.
+    stage 0 is the joint scheme and 3 the alternating one (everything trains); stage 1 trains the
+    backbone and ramp L (with the shared pooler, if any); stage 2 trains ramps 1..L-1 only.
     """
     last = rf"ramps/{num_layers - 1}/"
-    if stage == 0:
+    if stage in (0, 3):
         return [(r"^(backbone|ramps)/", TRAINABLE)]
     if stage == 1:
         return [(r"^backbone/", TRAINABLE), (last, TRAINABLE), (r"^ramps/pooler/", TRAINABLE), (r"^ramps/", FROZEN)]
     if stage == 2:
         return [(r"^backbone/", FROZEN), (last, FROZEN), (r"^ramps/pooler/", FROZEN), (r"^ramps/\d+/", TRAINABLE)]
-    raise ValueError(f"stage must be 0 (joint), 1 or 2, got {stage}")
+    raise ValueError(f"stage must be 0 (joint), 1, 2 or 3 (alternate), got {stage}")
 
 
 def param_labels(params, stage: int, num_layers: int):

@@ -3,7 +3,8 @@
 `two_stage` (DeeBERT): stage 1 trains embeddings, layers and ramp L on L_L; stage 2 trains ramps
 1..L-1 on sum_{i<L} L_i with gradients taken with respect to the ramp subtree only (the backbone
 runs forward, without a backward pass, and layer L is not run at all). `joint` (PABEE / PCEE):
-everything trains on sum_i i * L_i / sum_i i.
+everything trains on sum_i i * L_i / sum_i i. `alternate` (BERxiT, stage 3): everything trains,
+on L_L at even steps and on sum_i L_i (every ramp, the last included) at odd steps.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def _inputs(batch):
     return batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
 
 
-def stage_loss(cfg: EncoderConfig, stage: int, params, batch, rng):
-    """The scalar training loss of `stage` (0 joint, 1, 2) and the per-ramp losses it used."""
+def stage_loss(cfg: EncoderConfig, stage: int, params, batch, rng, step=0):
+    """The scalar training loss of `stage` (0 joint, 1, 3 alternate) at optimiser step `step`
+    (0-based; alternate's objective depends on its parity) and the per-ramp losses it used."""
     module = modeling.MultiExitEncoder(cfg)
     L = cfg.num_hidden_layers
     rng_backbone, rng_ramps = jax.random.split(rng)
@@ -53,10 +55,12 @@ def stage_loss(cfg: EncoderConfig, stage: int, params, batch, rng):
                                           **train, rngs={"dropout": rng_ramps})
         losses = ramp_losses(logits[None], *args)
         return losses[0], losses
-    if stage == 0:
+    if stage in (0, 3):
         logits, _ = module.apply({"params": params}, *_inputs(batch), **train,
                                  rngs={"dropout": rng_backbone})
         losses = ramp_losses(logits, *args)
+        if stage == 3:
+            return jnp.where(step % 2 == 0, losses[-1], losses.sum()), losses
         return (joint_weights(L) * losses).sum(), losses
     raise ValueError("stage 2 takes ramp parameters only: use stage2_loss")
 
@@ -89,7 +93,7 @@ def train_step(cfg: EncoderConfig, stage: int, tx: optax.GradientTransformation,
     else:
         (loss, losses), grads = jax.value_and_grad(
             functools.partial(stage_loss, cfg, stage), has_aux=True
-        )(params, batch, rng)
+        )(params, batch, rng, state["step"])
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optim.apply_updates(params, updates, labels), "opt_state": opt_state,
                  "step": state["step"] + 1}

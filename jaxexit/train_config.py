@@ -10,7 +10,7 @@ import typing
 
 from jaxexit.config import RAMP_INPUTS, RAMP_POOLERS, DictConfig
 
-SCHEMES = ("two_stage", "joint")
+SCHEMES = ("two_stage", "joint", "alternate")
 
 
 def _field(default, help: str, choices: tuple | None = None):
@@ -27,9 +27,10 @@ class TrainConfig(DictConfig):
     skip_bad_rows: bool = _field(False, "skip malformed TSV rows (reported: how many, where) instead of "
                                         "stopping at the first")
     scheme: str = _field("two_stage", "two_stage: DeeBERT's two stages; joint: PABEE/PCEE's weighted sum "
-                                      "of all ramps' losses", SCHEMES)
+                                      "of all ramps' losses; alternate: BERxiT's, even steps the final ramp's "
+                                      "loss, odd steps the sum of all ramps' losses", SCHEMES)
     ramp_pooler: str | None = _field(None, "one pooler per ramp or one shared by all (default: per_ramp for "
-                                           "two_stage, shared for joint, as the papers)", RAMP_POOLERS)
+                                           "two_stage and alternate, shared for joint, as the papers)", RAMP_POOLERS)
     ramp_input: str = _field("cls", "what each ramp reads of its layer: cls, the first token (the papers); mean, "
                                     "the masked mean of the token states (mean-pooling checkpoints)", RAMP_INPUTS)
     max_length: int = _field(128, "tokens per input after truncation")
@@ -79,13 +80,15 @@ class TrainConfig(DictConfig):
 
     @property
     def pooler(self) -> str:
-        return self.ramp_pooler or ("per_ramp" if self.scheme == "two_stage" else "shared")
+        return self.ramp_pooler or ("shared" if self.scheme == "joint" else "per_ramp")
 
     @property
     def stages(self) -> tuple[int, ...]:
-        """1 and 2 for DeeBERT's scheme; 0 stands for the single joint stage."""
+        """1 and 2 for DeeBERT's scheme; 0 stands for the single joint stage, 3 for the alternating one."""
         if self.scheme == "joint":
             return (0,)
+        if self.scheme == "alternate":
+            return (3,)
         return (2,) if self.stage1_from else (1, 2)
 
     def stage_lr(self, stage: int) -> float:

@@ -23,7 +23,7 @@ from jaxexit.checkpoint import RunDir, timestamp, write_text
 from jaxexit.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
-STAGE_NAMES = {0: "joint", 1: "stage 1", 2: "stage 2"}
+STAGE_NAMES = {0: "joint", 1: "stage 1", 2: "stage 2", 3: "alternate"}
 
 
 # ---- evaluation --------------------------------------------------------------------------------

@@ -105,6 +105,26 @@ def test_joint_loss_weights_ramps_by_depth():
     assert any("'ramps']['0']" in k for k in changed) and any("backbone" in k for k in changed)
 
 
+def test_alternate_loss_is_the_last_ramps_at_even_steps_and_every_ramps_sum_at_odd():
+    model = _tiny_model()
+    batch, key = _batch(), jax.random.key(0, impl="rbg")
+    for step in (0, 1, 2, 7):
+        loss, losses = steps.stage_loss(model.config, 3, model.params, batch, key, np.int32(step))
+        joint, same = steps.stage_loss(model.config, 0, model.params, batch, key)
+        np.testing.assert_array_equal(losses, same)  # one forward pass, every ramp's loss
+        np.testing.assert_allclose(loss, losses[-1] if step % 2 == 0 else losses.sum(), rtol=1e-6)
+    # Step 0 (even) updates ramp L and the backbone, not ramps 1..L-1 (their gradient is zero there;
+    # AdamW's decay does move their kernels, so compare biases); step 1 moves every ramp.
+    before = _leaves(model.params)
+    changed = lambda state: {k for k, v in _leaves(state["params"]).items()  # noqa: E731
+                             if "bias" in k and not np.array_equal(v, before[k])}
+    first = changed(_run_steps(model, stage=3, n=1)[0])
+    assert any("'ramps']['2']" in k for k in first) and any("backbone" in k for k in first)
+    assert not any("'ramps']['0']" in k or "'ramps']['1']" in k for k in first)
+    second = changed(_run_steps(model, stage=3, n=2)[0])
+    assert any("'ramps']['0']" in k for k in second) and any("'ramps']['1']" in k for k in second)
+
+
 def test_ramp_losses_cross_entropy_and_weights():
     logits = np.array([[[2.0, 0.0], [0.0, 3.0], [5.0, 5.0]]], np.float32)
     labels = np.array([0, 1, 0])
@@ -166,7 +186,8 @@ def _cfg(tiny_setup, tmp_path, **overrides):
     return TrainConfig(**fields)
 
 
-@pytest.mark.parametrize("scheme,task", [("two_stage", "sst2"), ("joint", "sst2"), ("joint", "stsb")])
+@pytest.mark.parametrize("scheme,task", [("two_stage", "sst2"), ("joint", "sst2"), ("joint", "stsb"),
+                                         ("alternate", "sst2")])
 def test_tiny_end_to_end(tiny_setup, tmp_path, scheme, task):
     run = finetune(_cfg(tiny_setup, tmp_path, scheme=scheme, task=task, run_name="r"), progress=False)
     summary = json.loads((run.path / "summary.json").read_text())
@@ -176,13 +197,13 @@ def test_tiny_end_to_end(tiny_setup, tmp_path, scheme, task):
     assert (run.path / "layers.csv").read_text().startswith("layer,validation_")
     records = run.records()
     stages = {r["stage"] for r in records if r["kind"] == "train"}
-    assert stages == ({1, 2} if scheme == "two_stage" else {0})
+    assert stages == {"two_stage": {1, 2}, "joint": {0}, "alternate": {3}}[scheme]
     assert sum(r["kind"] == "eval" for r in records) >= 2  # after every epoch
     assert (tmp_path / "runs" / "LATEST").read_text().strip() == "r"
     assert run.has_model() and (run.path / "tokenizer").is_dir()
     params = run.load_params()
     assert set(params) == {"backbone", "ramps"}
-    if task == "sst2" and scheme == "joint":  # the cue words are learnable: the last ramp must learn them
+    if task == "sst2" and scheme != "two_stage":  # the cue words are learnable: the last ramp must learn them
         assert split[-1]["accuracy"] >= 0.8, split
 
 
