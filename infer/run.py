@@ -4,6 +4,7 @@
     python infer/run.py --policy entropy --S 0.3 --mode batched --batch-size 64
     python infer/run.py --sweep                                 # every policy over a grid (offline)
     python infer/run.py --policy pcee --patience 2 --target-saving 0.4   # patience fixed, tau calibrated
+    python infer/run.py --patience 2 --tau 0.9 --confidence maxprob --ensemble   # PCEE-BERT-v1, ensemble
     echo "a gripping film" | python infer/run.py --patience 2 --tau 0.2 --text -
 """
 
@@ -22,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a train/finetune.py run directory (default: the latest run in --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where train/finetune.py wrote its runs (default: runs)")
     p.add_argument("--policy", choices=policies.POLICIES, help="default: pcee when only --patience/--tau are given")
+    p.add_argument("--confidence", choices=policies.CONFIDENCES,
+                   help="pcee's per-layer confidence test: entropy (PCEE-BERT, default: H / ln C < tau) or maxprob "
+                        "(PCEE-BERT-v1: max p > tau)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="cross-layer ensemble: predict from the mean of ramps 1..m's probabilities (exits unchanged)")
     p.add_argument("--patience", type=int, help="pcee, pabee")
     p.add_argument("--tau", type=float, help="pcee: normalised-entropy threshold in [0, 1]")
     p.add_argument("--S", "--entropy", dest="S", type=float, help="entropy: threshold in nats (DeeBERT)")

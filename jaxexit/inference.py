@@ -54,14 +54,24 @@ def policy_name(name: str | None, params: dict) -> str:
     return name
 
 
-def policy_from_args(name: str | None, params: dict, num_layers: int, num_labels: int) -> policies.Policy:
-    """The policy `--policy` names, or the one its parameter flags imply (see `_IMPLIED`)."""
+def policy_label(name: str | None, params: dict, confidence: str | None = None, ensemble: bool = False) -> str:
+    """The full policy label (`policies.parse_label`) from `--policy` or the parameter flags, plus
+    `--confidence` (pcee) and `--ensemble`."""
+    label = policy_name(name, params)
+    if confidence is not None and confidence != "entropy":
+        label += f"[{confidence}]"
+    return label + ("+ensemble" if ensemble else "")
+
+
+def policy_from_args(name: str | None, params: dict, num_layers: int, num_labels: int,
+                     confidence: str | None = None, ensemble: bool = False) -> policies.Policy:
+    """The policy `--policy` names, or the one its parameter flags imply (see `_IMPLIED`), with
+    `--confidence` and `--ensemble`."""
     given = {k: v for k, v in params.items() if v is not None}
-    implied = name is None
-    name = policy_name(name, given)
-    if implied and name == "pcee":
+    label = policy_label(name, given, confidence, ensemble)
+    if name is None and label.startswith("pcee"):
         given.setdefault("patience", 1)
-    return policies.make_policy(name, num_layers, num_labels, **given)
+    return policies.make_policy(label, num_layers, num_labels, **given)
 
 
 def load_inputs(run: RunDir, model: EarlyExitModel, task: glue.Task, split: str, data_dir: str | None,
@@ -107,8 +117,8 @@ def run_policy(model: EarlyExitModel, policy: policies.Policy, split: batches.En
     if mode == "offline":
         cached = runners.cached_logits(model, split, max(batch_size, 1))
         ev = offline.evaluate(policy, cached)
-        chosen = cached[ev.exit_layer - 1, np.arange(len(split))]
-        return runners.Exits(ev.exit_layer, ev.prediction, chosen, math.nan), None
+        return runners.Exits(ev.exit_layer, ev.prediction, offline.exit_outputs(policy, cached, ev.exit_layer),
+                             math.nan), None
     raise ValueError(f"unknown mode {mode!r}; choose one of {runners.MODES}")
 
 
@@ -132,7 +142,8 @@ def report(task: glue.Task, policy: policies.Policy, exits: runners.Exits, full_
 
 def format_summary(r: dict) -> str:
     lines = [f"{r['task']} {r['split']} ({r['n']} inputs), {r['policy']} "
-             + ", ".join(f"{k}={r[k]}" for k in policies.param_names(r['policy'], r['num_labels'])) + f", {r['mode']} mode"]
+             + ", ".join(f"{k}={r[k]}" for k in policies.param_names(policies.parse_label(r['policy'])[0], r['num_labels']))
+             + f", {r['mode']} mode"]
     if "metrics" in r:
         lines.append("score:        " + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()))
     lines.append(f"layers:       {r['avg_layers']:.2f} of {r['num_layers']} on average; saving {r['saving']:.3f}, "
@@ -257,7 +268,8 @@ def check_flags(args) -> None:
         (args.batch_size is not None and args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.limit < 0, f"--limit must be >= 0, got {args.limit}"),
     ]
-    policy_flags = [f"--{k}" for k in PARAM_FLAGS if getattr(args, k) is not None] + ["--policy"] * bool(args.policy)
+    policy_flags = ([f"--{k}" for k in PARAM_FLAGS if getattr(args, k) is not None] + ["--policy"] * bool(args.policy)
+                    + ["--confidence"] * (args.confidence is not None) + ["--ensemble"] * bool(args.ensemble))
     cannot_apply = [  # (the flags, given where they cannot apply; why)
         (policy_flags if job == "--sweep" else [],
          "--sweep evaluates every policy over its grid (add --target-saving or --max-drop to calibrate one policy)"),
@@ -294,11 +306,12 @@ def main_cli(args) -> dict:
     if args.text:
         lines = sys.stdin.read().splitlines() if args.text == ["-"] else args.text
         split = text_inputs(model, task, lines)
-        policy = policy_from_args(args.policy, params, L, C)
+        policy = policy_from_args(args.policy, params, L, C, args.confidence, args.ensemble)
         exits, _ = run_policy(model, policy, split, "latency" if mode == "offline" else mode, args.batch_size or 1)
         for line, m, p, z in zip([x for x in lines if x.strip()], exits.exit_layer, exits.prediction, exits.logits):
             shown = f"{float(p):.3f}" if task.is_regression else task.label_names[int(p)]
-            conf = "" if task.is_regression else f"  p={float(policies.max_prob(z[None])[0]):.3f}"
+            top = float(z.max()) if policy.ensemble else float(policies.max_prob(z[None])[0])  # ensemble: probabilities
+            conf = "" if task.is_regression else f"  p={top:.3f}"
             print(f"{shown}\tlayer {int(m)}/{L}{conf}\t{line}")
         return {"predictions": exits.prediction.tolist(), "exit_layer": exits.exit_layer.tolist()}
 
@@ -334,7 +347,7 @@ def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag) -
         print(f"swept {len(rows)} settings of {len({r['policy'] for r in rows})} policies on {split_name} "
               f"-> {csv_path}, {png}")
     if args.target_saving is not None or args.max_drop is not None:
-        name = policy_name(args.policy, params)
+        name = policy_label(args.policy, params, args.confidence, args.ensemble)
         fixed = {k: v for k, v in params.items() if v is not None}
         seed = 0 if args.split_seed is None else args.split_seed
         cal = calibrate(task, name, cached, labels, target_saving=args.target_saving, max_drop=args.max_drop,
@@ -348,14 +361,15 @@ def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag) -
 
 def _run_job(args, task, model, split, labels, meta, params, mode, out_dir, tag) -> dict:
     split_name = meta["split"]
-    policy = policy_from_args(args.policy, params, model.num_layers, model.config.num_labels)
+    policy = policy_from_args(args.policy, params, model.num_layers, model.config.num_labels, args.confidence,
+                              args.ensemble)
     batch_size = args.batch_size or (1 if mode in ("latency", "device") else 64)
     exits, full_seconds = run_policy(model, policy, split, mode, batch_size)
     cached = runners.cached_logits(model, split, 64) if labels is not None else None
     result = report(task, policy, exits, full_seconds, labels, cached, {**meta, "mode": mode, "batch_size": batch_size})
     print(format_summary(result))
     setting = "-".join(f"{k}{v}" for k, v in policy.params)
-    default = out_dir / f"{policy.name}-{setting}-{split_name}-{mode}.json"
+    default = out_dir / f"{policy.label}-{setting}-{split_name}-{mode}.json"
     print(f"wrote {write_json(_named(args.json, default, tag), result)}")
     if args.output:
         print(f"predictions: {write_predictions(_named(args.output, None, tag), task, split.idx, exits)}")

@@ -11,7 +11,10 @@ per-layer condition). Tests pin this equal to stepping `policies.step` layer by 
 
 Scores come from a caller's `metric(predictions, labels) -> float`, higher is better (accuracy,
 F1, MCC, Pearson, Spearman). Predictions are the argmax for classification and the scalar for
-regression (`C = 1`).
+regression (`C = 1`); with the cross-layer ensemble (`+ensemble`), of the mean of ramps 1..m.
+
+Policies are named by their label everywhere here (`pcee`, `pcee[maxprob]`, `entropy+ensemble`;
+`policies.parse_label`).
 """
 
 from __future__ import annotations
@@ -51,21 +54,58 @@ def ramp_predictions(logits) -> np.ndarray:
     return policies.prediction(np.asarray(logits))
 
 
+def ensemble_predictions(logits) -> np.ndarray:
+    """`[L, N]`: at layer m, the prediction from the mean of ramps 1..m's probabilities (regression:
+    outputs), summed in float32 layer by layer exactly as `policies.step` sums them live."""
+    logits = np.asarray(logits)
+    acc = np.zeros(logits.shape[1:], np.float32)
+    out = np.empty(logits.shape[:2], np.float64 if logits.shape[2] == 1 else np.int32)
+    for m in range(len(logits)):
+        acc = acc + policies.ensemble_term(logits[m])
+        out[m] = policies.prediction(acc / np.float32(m + 1))
+    return out
+
+
+def exit_outputs(policy: Policy, logits, exit_layer) -> np.ndarray:
+    """What each row's prediction is made from `[N, C]` (as `policies.output` live): its exit
+    ramp's logits, or with the ensemble the mean of ramps 1..m's probabilities (regression: outputs)."""
+    logits = np.asarray(logits)
+    rows = np.arange(logits.shape[1])
+    if not policy.ensemble:
+        return logits[np.asarray(exit_layer) - 1, rows]
+    acc, out = np.zeros(logits.shape[1:], np.float32), np.zeros(logits.shape[1:], np.float32)
+    for m in range(1, len(logits) + 1):
+        acc = acc + policies.ensemble_term(logits[m - 1])
+        out = np.where((np.asarray(exit_layer) == m)[:, None], acc / np.float32(m), out)
+    return out
+
+
+def _predictions(policy: Policy, logits, cache: dict) -> np.ndarray:
+    """Every layer's predictions `[L, N]` as `policy` predicts (ensemble or not), computed once per
+    `cache`."""
+    key = "ensemble" if policy.ensemble else "ramps"
+    if key not in cache:
+        cache[key] = ensemble_predictions(logits) if policy.ensemble else ramp_predictions(logits)
+    return cache[key]
+
+
 def full_score(logits, labels, metric: Metric) -> float:
     """The full model's score: ramp `L` for every input."""
     return float(metric(ramp_predictions(logits)[-1], labels))
 
 
 # ---- closed form over a grid of settings ---------------------------------------------------------
-def _layer_measure(name: str, logits: np.ndarray):
+def _layer_measure(policy: Policy, logits: np.ndarray):
     """What a policy thresholds, for every ramp and row: `[L, N]` (None for static)."""
+    if policy.name == "pcee" and policy.confidence == "maxprob":
+        return policies.max_prob(logits)
     return {
         "entropy": policies.entropy,
         "pcee": policies.normalized_entropy,
         "maxprob": policies.max_prob,
         "pabee": policies.prediction,
         "static": lambda _: None,
-    }[name](logits)
+    }[policy.name](logits)
 
 
 def _run_length(ok: np.ndarray) -> np.ndarray:
@@ -92,7 +132,8 @@ def _fires(name: str, measure, block: Sequence[Policy], shape: tuple[int, int]) 
     if name == "maxprob":
         return measure[:, None] > col("t")
     if name == "pcee":
-        return _run_length(measure[:, None] < col("tau")) >= col("patience")
+        confident = measure[:, None] > col("tau") if block[0].confidence == "maxprob" else measure[:, None] < col("tau")
+        return _run_length(confident) >= col("patience")
     if name == "pabee":
         if block[0].num_labels == 1:
             agree = np.abs(measure[1:] - measure[:-1])[:, None] < col("delta")
@@ -120,9 +161,10 @@ def _blocks(settings: Sequence[Policy], logits: np.ndarray) -> Iterator[tuple[li
         if (p.num_layers, p.num_labels) != (L, C):
             raise ValueError(f"{p} is for L={p.num_layers}, C={p.num_labels}; logits are [L, N, C] = {logits.shape}")
     size = max(1, _BLOCK // max(1, L * N))
-    for name in dict.fromkeys(p.name for p in settings):
-        group = [i for i, p in enumerate(settings) if p.name == name]
-        measure = _layer_measure(name, logits)
+    kind = lambda p: (p.name, p.confidence)  # noqa: E731  (what decides exits; the ensemble does not)
+    for name, confidence in dict.fromkeys(kind(p) for p in settings):
+        group = [i for i, p in enumerate(settings) if kind(p) == (name, confidence)]
+        measure = _layer_measure(settings[group[0]], logits)
         for start in range(0, len(group), size):
             positions = group[start:start + size]
             block = [settings[i] for i in positions]
@@ -159,7 +201,7 @@ class Evaluation:
 
 
 def _row(policy: Policy, score, exit_layer, histogram) -> dict:
-    return {"policy": policy.name, "params": dict(policy.params), "score": score,
+    return {"policy": policy.label, "params": dict(policy.params), "score": score,
             **efficiency(exit_layer, policy.num_layers), "exit_histogram": histogram.tolist()}
 
 
@@ -175,23 +217,29 @@ def evaluate(policy: Policy, logits, labels=None, metric: Metric | None = None) 
     """Exit layers, predictions, efficiency, histogram and (with `metric`) score of one setting."""
     logits = np.asarray(logits)
     exit_layer = exit_layers(policy, logits)
-    prediction = ramp_predictions(logits)[exit_layer - 1, np.arange(logits.shape[1])]
+    prediction = _predictions(policy, logits, {})[exit_layer - 1, np.arange(logits.shape[1])]
     eff = efficiency(exit_layer, policy.num_layers)
     return Evaluation(policy, exit_layer, prediction, exit_histogram(exit_layer, policy.num_layers),
                       eff["avg_layers"], eff["saving"], eff["speedup"], _score(metric, prediction, labels))
 
 
-def default_grid(name: str, num_layers: int, num_labels: int) -> list[dict]:
+def default_grid(label: str, num_layers: int, num_labels: int) -> list[dict]:
     """Parameter settings spanning a policy's trade-off curve (papers' figures).
 
     Threshold grids are spaced quadratically, denser where fine-tuned ramps' confidences sit
     (entropy near 0, max probability near 1); each includes the setting that reproduces the full
-    model (S = 0, tau = 0, t = 1, pabee patience = L, static k = L).
+    model (S = 0, tau = 0, t = 1, pabee patience = L, static k = L; pcee[maxprob]: tau = 1).
+    The ensemble option does not change a grid.
     """
     L, C = num_layers, num_labels
+    name, confidence, _ = policies.parse_label(label)
     q = np.linspace(0.0, 1.0, 201) ** 2
     if name in policies.SOFTMAX_POLICIES and C == 1:
         raise ValueError(f"policy {name!r} does not apply to regression (num_labels=1)")
+    if name == "pcee" and confidence == "maxprob":  # confident when max p > tau: tau from 1 down to 1 / C
+        taus = 1.0 - np.linspace(0.0, 1.0, 41) ** 2 * (1.0 - 1.0 / C)
+        taus[-1] = 1.0 / C
+        return [{"patience": p, "tau": float(tau)} for p in range(1, max(L, 2)) for tau in taus]
     if name == "entropy":
         return [{"S": float(x * math.log(C))} for x in q]
     if name == "maxprob":  # from 1 / C (exactly: the range's end) up to 1
@@ -225,13 +273,13 @@ def sweep(logits, labels=None, metric: Metric | None = None,
     L, N, C = logits.shape
     if grids is None:
         grids = dict.fromkeys(applicable(C))
-    settings = [Policy(name, L, C, tuple(params.items()))
-                for name, grid in grids.items()
-                for params in (default_grid(name, L, C) if grid is None else grid)]
-    preds, rows = ramp_predictions(logits), [None] * len(settings)
+    settings = [policies.make_policy(label, L, C, **params)
+                for label, grid in grids.items()
+                for params in (default_grid(label, L, C) if grid is None else grid)]
+    cache, rows = {}, [None] * len(settings)
     for positions, layers in _blocks(settings, logits):
         for i, exit_layer in zip(positions, layers):
-            prediction = preds[exit_layer - 1, np.arange(N)]
+            prediction = _predictions(settings[i], logits, cache)[exit_layer - 1, np.arange(N)]
             rows[i] = _row(settings[i], _score(metric, prediction, labels), exit_layer, exit_histogram(exit_layer, L))
     return rows
 
@@ -253,7 +301,7 @@ def calibration_grid(name: str, num_layers: int, num_labels: int, fixed: Mapping
     value, or nothing left to search."""
     fixed = dict(fixed or {})
     grid = default_grid(name, num_layers, num_labels)  # refuses unknown policies and regression first
-    names = policies.param_names(name, num_labels)
+    names = policies.param_names(policies.parse_label(name)[0], num_labels)
     wrong = sorted(set(fixed) - set(names))
     if wrong:
         raise ValueError(f"policy {name!r} takes {', '.join(names)}; {', '.join(wrong)} cannot apply to it")
@@ -263,7 +311,7 @@ def calibration_grid(name: str, num_layers: int, num_labels: int, fixed: Mapping
                          "nothing is left to calibrate; leave one open or drop the calibration target")
     settings = {tuple(sorted({**g, **fixed}.items())): None for g in grid}
     out = [dict(k) for k in settings]
-    Policy(name, num_layers, num_labels, tuple(out[0].items()))  # validates the fixed values
+    policies.make_policy(name, num_layers, num_labels, **out[0])  # validates the fixed values
     return out
 
 
@@ -329,7 +377,7 @@ def calibrate(name: str, logits, labels, metric: Metric, *, target_saving: float
     if not ok:
         raise ValueError(f"no {name} setting meets '{rule}' on the calibration split; {why}")
     chosen = rows[max(ok, key=key)]
-    policy = Policy(name, L, C, tuple(chosen["params"].items()))
+    policy = policies.make_policy(name, L, C, **chosen["params"])
     report = None
     if heldout is not None:
         held_logits, held_labels = heldout

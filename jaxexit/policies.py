@@ -24,6 +24,14 @@ Policies (DESIGN.md, "Exit policies"), with `p = softmax(z)`, `C` classes:
   pabee(patience[, delta])  k = k + 1 if argmax z == previous argmax else 0 (regression:
                         |z - previous z| < delta); exit at k = patience        PABEE
   static(k)             everyone exits at layer k                              budgeted exit
+
+Two options (PCEE-BERT section 4.6), written into a policy's label, which is what names a policy
+everywhere (result rows, grids, calibration, `make_policy`):
+  pcee[maxprob]         PCEE-BERT-v1: a layer is confident when max p > tau (instead of H / ln C < tau)
+  <policy>+ensemble     the cross-layer ensemble: an input exiting at layer m is predicted from the
+                        mean of ramps 1..m's probabilities (regression: outputs); exits unchanged.
+The running sum lives in the policy state (`ens`), in float32 from the float64 probabilities, the
+same additions in the same order in every mode; `output` gives a row's prediction source.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import re
 from typing import Any, Mapping
 
 import jax
@@ -42,6 +51,8 @@ from jax import lax
 POLICIES = ("entropy", "pcee", "maxprob", "pabee", "static")
 # Policies that threshold a softmax confidence: degenerate for one output (regression).
 SOFTMAX_POLICIES = ("entropy", "pcee", "maxprob")
+CONFIDENCES = ("entropy", "maxprob")  # pcee's confidence test: PCEE-BERT, PCEE-BERT-v1
+_LABEL = re.compile(r"^(?P<name>[a-z]+)(?:\[(?P<confidence>[a-z]+)\])?(?P<ensemble>\+ensemble)?$")
 
 State = dict  # name -> per-row array [B]; empty for stateless policies
 
@@ -67,11 +78,24 @@ class Policy:
     num_layers: int
     num_labels: int
     params: tuple[tuple[str, Any], ...]
+    confidence: str = "entropy"  # pcee only: "maxprob" is PCEE-BERT-v1
+    ensemble: bool = False       # predict from the mean of ramps 1..m (exits unchanged)
 
     def __post_init__(self):
-        items = dict(self.params)
-        checked = _validate(self.name, self.num_layers, self.num_labels, items)
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"confidence must be one of {CONFIDENCES}, got {self.confidence!r}")
+        if self.confidence != "entropy" and self.name != "pcee":
+            raise ValueError(f"confidence applies to pcee only, not to {self.name!r}")
+        if not isinstance(self.ensemble, bool):
+            raise ValueError(f"ensemble must be True or False, got {self.ensemble!r}")
+        checked = _validate(self.name, self.num_layers, self.num_labels, dict(self.params))
         object.__setattr__(self, "params", tuple(sorted(checked.items())))
+
+    @property
+    def label(self) -> str:
+        """The policy's full name: `pcee`, `pcee[maxprob]`, `entropy+ensemble`, ..."""
+        return (self.name + (f"[{self.confidence}]" if self.confidence != "entropy" else "")
+                + ("+ensemble" if self.ensemble else ""))
 
     def __getitem__(self, key: str):
         for k, v in self.params:
@@ -80,16 +104,27 @@ class Policy:
         raise KeyError(f"policy {self.name!r} has no parameter {key!r}")
 
     def as_dict(self) -> dict:
-        """`{"policy": name, **params}`, for result files."""
-        return {"policy": self.name, **dict(self.params)}
+        """`{"policy": label, **params}`, for result files."""
+        return {"policy": self.label, **dict(self.params)}
 
     def __str__(self) -> str:
-        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.params)})"
+        return f"{self.label}({', '.join(f'{k}={v}' for k, v in self.params)})"
 
 
-def make_policy(name: str, num_layers: int, num_labels: int, **params) -> Policy:
-    """`make_policy("pcee", 12, 2, patience=2, tau=0.2)`; raises ValueError on bad settings."""
-    return Policy(name, num_layers, num_labels, tuple(params.items()))
+def parse_label(label: str) -> tuple[str, str, bool]:
+    """`"pcee[maxprob]+ensemble"` -> `("pcee", "maxprob", True)`; a plain name -> `(name, "entropy", False)`."""
+    m = _LABEL.match(label) if isinstance(label, str) else None
+    if m is None:
+        raise ValueError(f"unknown exit policy {label!r}; choose one of {POLICIES} (pcee[maxprob] for "
+                         "PCEE-BERT-v1; +ensemble after any for the cross-layer ensemble)")
+    return m["name"], m["confidence"] or "entropy", bool(m["ensemble"])
+
+
+def make_policy(label: str, num_layers: int, num_labels: int, **params) -> Policy:
+    """`make_policy("pcee", 12, 2, patience=2, tau=0.2)`, or with a full label
+    (`"pcee[maxprob]+ensemble"`); raises ValueError on bad settings."""
+    name, confidence, ensemble = parse_label(label)
+    return Policy(name, num_layers, num_labels, tuple(params.items()), confidence, ensemble)
 
 
 FLOAT_PARAMS = ("S", "tau", "t", "delta")  # thresholds; the others are integers (patience, k)
@@ -100,17 +135,17 @@ def _flatten(p: Policy):
     # would turn a float leaf into float32, and `threshold` could not compare at float64.
     keys = tuple(k for k, _ in p.params)
     leaves = [_to_bits(v) if k in FLOAT_PARAMS else v for k, v in p.params]
-    return leaves, (p.name, p.num_layers, p.num_labels, keys)
+    return leaves, (p.name, p.num_layers, p.num_labels, keys, p.confidence, p.ensemble)
 
 
 def _unflatten(aux, leaves) -> Policy:
     # Bypasses validation: under jit the leaves are tracers (or jax's placeholders); concrete bit
     # patterns (a tree_map over a Policy) turn back into floats.
-    name, num_layers, num_labels, keys = aux
+    name, num_layers, num_labels, keys, confidence, ensemble = aux
     values = [_from_bits_host(v) if k in FLOAT_PARAMS else v for k, v in zip(keys, leaves)]
     p = object.__new__(Policy)
     for field, value in (("name", name), ("num_layers", num_layers), ("num_labels", num_labels),
-                         ("params", tuple(zip(keys, values)))):
+                         ("params", tuple(zip(keys, values))), ("confidence", confidence), ("ensemble", ensemble)):
         object.__setattr__(p, field, value)
     return p
 
@@ -266,12 +301,13 @@ def prediction(logits, xp=np):
 def init_state(policy: Policy, batch_size: int, xp=np) -> State:
     """The state before layer 1 for `batch_size` rows."""
     zeros = xp.zeros(batch_size, xp.int32)
+    state = {"ens": xp.zeros((batch_size, policy.num_labels), xp.float32)} if policy.ensemble else {}
     if policy.name == "pcee":
-        return {"count": zeros}
+        return {**state, "count": zeros}
     if policy.name == "pabee":
         prev = zeros if policy.num_labels > 1 else prediction(xp.zeros((batch_size, 1), xp.float32), xp)
-        return {"count": zeros, "prev": prev}
-    return {}
+        return {**state, "count": zeros, "prev": prev}
+    return state
 
 
 def take_rows(state: State, rows) -> State:
@@ -297,7 +333,11 @@ def _maxprob(policy, state, z, layer, xp):
 
 
 def _pcee(policy, state, z, layer, xp):
-    count = xp.where(_holds(normalized_entropy, z, False, policy, "tau", xp), state["count"] + 1, 0)
+    if policy.confidence == "maxprob":  # PCEE-BERT-v1
+        confident = _holds(max_prob, z, True, policy, "tau", xp)
+    else:
+        confident = _holds(normalized_entropy, z, False, policy, "tau", xp)
+    count = xp.where(confident, state["count"] + 1, 0)
     return {"count": count}, count >= policy["patience"]  # first True is at count == patience
 
 
@@ -331,8 +371,28 @@ def step(policy: Policy, state: State, logits, layer, xp=np) -> tuple[State, Any
         raise ValueError(f"step takes one layer's logits [B, {policy.num_labels}], got shape {logits.shape}")
     if isinstance(layer, numbers.Integral) and not 1 <= layer <= policy.num_layers:
         raise ValueError(f"layer must be in 1..{policy.num_layers}, got {layer}")
-    state, exits = _STEPS[policy.name](policy, state, logits, layer, xp)
-    return state, exits & (layer < policy.num_layers)
+    new, exits = _STEPS[policy.name](policy, state, logits, layer, xp)
+    if policy.ensemble:
+        new = {**new, "ens": state["ens"] + ensemble_term(logits, xp)}
+    return new, exits & (layer < policy.num_layers)
+
+
+def ensemble_term(logits, xp=np):
+    """What one ramp adds to the ensemble sum: its probabilities (float64, rounded once to
+    float32, so that every mode adds the same numbers), or its output for regression."""
+    if logits.shape[-1] == 1:
+        return xp.asarray(logits).astype(xp.float32)
+    with _x64(xp):
+        return xp.exp(log_softmax(logits, xp)).astype(xp.float32)
+
+
+def output(policy: Policy, state: State, logits, layer, xp=np):
+    """What a row exiting at `layer` (after `step` at that layer) is predicted from, `[B, C]`:
+    ramp `layer`'s logits, or with the ensemble the mean of ramps 1..layer's probabilities
+    (regression: outputs). `prediction` of it is the row's prediction."""
+    if not policy.ensemble:
+        return logits
+    return state["ens"] / xp.asarray(layer, xp.float32)
 
 
 def first_exit(exit_layer, exits, layer, xp=np):
@@ -353,16 +413,18 @@ def simulate(policy: Policy, logits) -> tuple[np.ndarray, np.ndarray]:
     """Step the policy on the host over cached logits `[L, N, C]`, layer by layer.
 
     Returns `(exit_layer [N], prediction [N])`, exit layers 1-based, the prediction from ramp
-    `exit_layer`. The reference the offline closed form is tested against.
+    `exit_layer` (with the ensemble: from ramps 1..exit_layer). The reference the offline closed
+    form is tested against.
     """
     logits = np.asarray(logits)
     L, N = _check_logits(policy, logits)
     state, exit_layer = init_state(policy, N), np.zeros(N, np.int64)
+    chosen = np.zeros((N, policy.num_labels), np.float32)
     for layer in range(1, L + 1):
         state, exits = step(policy, state, logits[layer - 1], layer)
-        exit_layer = first_exit(exit_layer, exits, layer)
-    exit_layer = np.where(exit_layer == 0, L, exit_layer)
-    return exit_layer, prediction(logits[exit_layer - 1, np.arange(N)])
+        exit_layer = first_exit(exit_layer, exits | (layer == L), layer)
+        chosen = np.where((exit_layer == layer)[:, None], output(policy, state, logits[layer - 1], layer), chosen)
+    return exit_layer, prediction(chosen)
 
 
 def scan_exits(policy: Policy, logits) -> tuple[jax.Array, jax.Array]:
@@ -377,10 +439,10 @@ def scan_exits(policy: Policy, logits) -> tuple[jax.Array, jax.Array]:
         state, exit_layer, chosen = carry
         z, layer = xs
         state, exits = step(policy, state, z, layer, jnp)
-        exit_layer = first_exit(exit_layer, exits, layer, jnp)
-        chosen = jnp.where((exit_layer == layer)[:, None], z, chosen)
+        exit_layer = first_exit(exit_layer, exits | (layer == L), layer, jnp)
+        chosen = jnp.where((exit_layer == layer)[:, None], output(policy, state, z, layer, jnp), chosen)
         return (state, exit_layer, chosen), None
 
-    carry = (init_state(policy, N, jnp), jnp.zeros(N, jnp.int32), logits[-1])
+    carry = (init_state(policy, N, jnp), jnp.zeros(N, jnp.int32), jnp.zeros(logits.shape[1:], jnp.float32))
     (_, exit_layer, chosen), _ = lax.scan(body, carry, (logits, jnp.arange(1, L + 1, dtype=jnp.int32)))
-    return jnp.where(exit_layer == 0, L, exit_layer), prediction(chosen, jnp)
+    return exit_layer, prediction(chosen, jnp)

@@ -12,7 +12,9 @@
   parameters, the per-row exit state in the carry; the loop stops once every row has exited.
 * `cached_logits` + `jaxexit.offline` one pass keeping every ramp's logits, then any policy.
 
-Each returns `Exits(exit_layer [N] 1-based, prediction [N], logits [N, C] of the exit ramp)`.
+Each returns `Exits(exit_layer [N] 1-based, prediction [N], logits [N, C] of the exit ramp)`;
+with the cross-layer ensemble (`policy.ensemble`), `logits` holds what the prediction is made from
+instead: the mean of ramps 1..m's probabilities (regression: outputs), `policies.output`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ MODES = ("latency", "batched", "device", "offline")
 class Exits:
     exit_layer: np.ndarray  # [N] int, 1..L
     prediction: np.ndarray  # [N]
-    logits: np.ndarray  # [N, C], the exit ramp's
+    logits: np.ndarray  # [N, C], the exit ramp's (ensemble: the mean probabilities / outputs)
     seconds: float = 0.0  # wall time of the model work (compilation excluded by a warm-up)
 
 
@@ -64,9 +66,8 @@ def exit_one(model: EarlyExitModel, policy: Policy, batch: dict) -> tuple[int, n
     for layer, z in enumerate(model.ramp_steps(batch), start=1):
         z = np.asarray(z)  # the host waits for ramp `layer` and decides before the next dispatch
         state, exits = policies.step(policy, state, z, layer)
-        if exits[0]:
-            return layer, z[0]
-    return model.num_layers, z[0]
+        if exits[0] or layer == model.num_layers:
+            return layer, policies.output(policy, state, z, layer)[0]
 
 
 def run_latency(model: EarlyExitModel, policy: Policy, split: EncodedSplit, warmup: int = 2) -> Exits:
@@ -135,7 +136,7 @@ def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int) ->
         if layer == model.num_layers:
             exits = np.ones_like(exits)
         fresh = exits & (layers[rows] == 0)
-        layers[rows[fresh]], logits[rows[fresh]] = layer, z[fresh]
+        layers[rows[fresh]], logits[rows[fresh]] = layer, policies.output(policy, state, z, layer)[fresh]
         keep = np.flatnonzero(~exits & (rows < real))
         if keep.size == 0:
             break
@@ -216,7 +217,8 @@ def device_exits(cfg, params, layers, ramps, batch, policy: Policy, first_token:
     def decide(layer, z, state, exit_layer, chosen):  # layer: 1-based, traced
         state, exits = policies.step(policy, state, z, layer, jnp)
         fresh = (exits | (layer == L)) & (exit_layer == 0)
-        return state, jnp.where(fresh, layer, exit_layer), jnp.where(fresh[:, None], z, chosen)
+        out = policies.output(policy, state, z, layer, jnp)
+        return state, jnp.where(fresh, layer, exit_layer), jnp.where(fresh[:, None], out, chosen)
 
     def body(loop):
         layer, carry, state, exit_layer, chosen = loop  # `layer` ramps decided so far

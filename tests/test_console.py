@@ -32,7 +32,7 @@ def test_every_finetune_flag_says_what_it_does(capsys):
         flag = "--" + field.name.replace("_", "-")
         assert flag in text, flag
         assert field.metadata["help"].split()[0] in text.split(flag, 1)[1][:300], flag  # the help follows the flag
-    assert "{two_stage,joint}" in text and "{per_ramp,shared}" in text and "--no-skip-bad-rows" in text
+    assert "{two_stage,joint,alternate}" in text and "{per_ramp,shared}" in text and "--no-skip-bad-rows" in text
     assert "(preset: " in text and "task preset" in text
 
 

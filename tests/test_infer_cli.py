@@ -41,6 +41,22 @@ def test_pcee_by_default_with_timing_and_json(trained_minilm_run, tmp_path, caps
     assert exits[0] == ["index", "prediction", "exit_layer"] and all(1 <= int(r[2]) <= 6 for r in exits[1:])
 
 
+@pytest.mark.parametrize("mode", ["latency", "batched", "device", "offline"])
+def test_confidence_and_ensemble_flags_run_in_every_mode_as_offline(trained_minilm_run, tmp_path, mode):
+    argv = ["--checkpoint", str(trained_minilm_run.path), "--patience", "2", "--tau", "0.5", "--confidence", "maxprob",
+            "--ensemble", "--limit", "24", "--mode", mode, "--json", str(tmp_path / f"{mode}.json")]
+    result = _cli().main(argv + (["--batch-size", "8"] if mode in ("batched", "device") else []))
+    assert result["policy"] == "pcee[maxprob]+ensemble" and result["patience"] == 2
+    model = inference.EarlyExitModel.from_run(trained_minilm_run.path)
+    split, _ = inference.load_inputs(trained_minilm_run, model, inference.glue.get_task("sst2"), "validation",
+                                     str(GLUE / "SST-2"), limit=24)
+    policy = policies.make_policy("pcee[maxprob]+ensemble", 6, 2, patience=2, tau=0.5)
+    want = inference.offline.evaluate(policy, inference.runners.cached_logits(model, split), split.labels,
+                                      inference.metrics.accuracy)
+    assert want.saving > 0  # rows exit before layer 6, where the ensemble has more than one ramp to average
+    assert result["exit_histogram"] == want.histogram.tolist() and result["score"] == pytest.approx(want.score)
+
+
 def test_sweep_writes_csv_and_png(trained_minilm_run, tmp_path):
     result = _cli().main(["--checkpoint", str(trained_minilm_run.path), "--sweep", "--limit", "64",
                           "--json", str(tmp_path / "s.json")])
@@ -93,6 +109,8 @@ def test_flags_that_cannot_apply_are_errors(trained_minilm_run, capsys):
         (["--tau", "0.2", "--batch-size", "8"], "--batch-size cannot apply here: latency mode"),
         (["--tau", "0.2", "--split-seed", "3"], "--split-seed cannot apply here"),
         (["--tau", "0.2", "--limit", "-1"], "--limit must be >= 0"),
+        (["--sweep", "--ensemble"], "--ensemble cannot apply here: --sweep"),
+        (["--policy", "entropy", "--S", "0.2", "--confidence", "maxprob"], "confidence applies to pcee only"),
     ]:
         with pytest.raises(SystemExit):
             cli.main(["--checkpoint", ckpt, *argv])

@@ -24,10 +24,14 @@ def tied_logits(L, N, C, seed):
     return np.random.default_rng(seed).integers(-2, 3, size=(L, N, C)).astype(np.float32)
 
 
-def grid_with_ties(name, logits):
+def grid_with_ties(label, logits):
     """Edge values, round values, and thresholds equal to measured values (strict comparisons)."""
     L, _, C = logits.shape
     picks = np.random.default_rng(7).choice(logits.shape[1], 4)
+    name, confidence, _ = P.parse_label(label)
+    if name == "pcee" and confidence == "maxprob":
+        m = P.max_prob(logits)[:, picks[:2]].ravel().tolist()
+        return [dict(patience=p, tau=tau) for p in (1, 2, L - 1, L, L + 2) for tau in [0.0, 1 / C, 0.7, 1.0] + m]
     if name == "entropy":
         h = P.entropy(logits)[:, picks].ravel().tolist()
         return [dict(S=s) for s in [0.0, 0.2, 0.5, math.log(C), 10.0] + h]
@@ -44,14 +48,16 @@ def grid_with_ties(name, logits):
     return [dict(k=k) for k in range(1, L + 1)]
 
 
-CASES = [(L, C, name) for L, C in [(6, 2), (12, 3), (2, 4), (6, 1)] for name in O.applicable(C)]
+CASES = [(L, C, name) for L, C in [(6, 2), (12, 3), (2, 4), (6, 1)]
+         for name in O.applicable(C) + (("pcee[maxprob]",) if C > 1 else ()) + ("pabee+ensemble", "static+ensemble")]
+CASES += [(6, 3, "entropy+ensemble"), (6, 2, "pcee[maxprob]+ensemble")]
 
 
 @pytest.mark.parametrize("L, C, name", CASES)
 def test_closed_form_grid_equals_stepping_the_state_machine(L, C, name):
     for seed, logits in enumerate([tied_logits(L, 300, C, 0), tied_logits(L, 300, C, 1) * 3.1,
                                    np.random.default_rng(2).normal(size=(L, 300, C)).astype(np.float32)]):
-        settings = [P.Policy(name, L, C, tuple(p.items())) for p in grid_with_ties(name, logits)]
+        settings = [P.make_policy(name, L, C, **p) for p in grid_with_ties(name, logits)]
         grid = O.exit_layers(settings, logits)
         for policy, exit_layer in zip(settings, grid):
             want_layer, want_pred = P.simulate(policy, logits)

@@ -44,6 +44,10 @@ SETTINGS = [  # (name, params) over classification, C = 3
     ("maxprob", dict(t=0.7)), ("maxprob", dict(t=0.95)),
     ("pabee", dict(patience=1)), ("pabee", dict(patience=2)), ("pabee", dict(patience=4)),
     ("static", dict(k=1)), ("static", dict(k=4)),
+    # PCEE-BERT-v1 and the cross-layer ensemble (same exits, other predictions)
+    ("pcee[maxprob]", dict(patience=2, tau=0.8)), ("pcee[maxprob]", dict(patience=1, tau=0.95)),
+    ("entropy+ensemble", dict(S=0.3)), ("pcee+ensemble", dict(patience=2, tau=0.3)),
+    ("pabee+ensemble", dict(patience=2)), ("pcee[maxprob]+ensemble", dict(patience=2, tau=0.8)),
 ]
 
 
@@ -75,6 +79,44 @@ def test_pcee_patience_1_is_entropy_rule_on_normalised_entropy():
     pcee = P.simulate(make_policy("pcee", 6, 3, patience=1, tau=0.45), z)[0]
     entropy = P.simulate(make_policy("entropy", 6, 3, S=0.45 * math.log(3)), z)[0]
     np.testing.assert_array_equal(pcee, entropy)
+
+
+def test_pcee_maxprob_counts_layers_whose_max_probability_is_above_tau():
+    weak = [0.0, 0.5]  # max p = 0.622
+    z = one_row(SURE, weak, SURE, SURE0, weak, SURE)
+    assert P.simulate(make_policy("pcee[maxprob]", 6, 2, patience=2, tau=0.9), z)[0].tolist() == [4]  # k = 1, 0, 1, 2
+    assert P.simulate(make_policy("pcee[maxprob]", 6, 2, patience=2, tau=0.6), z)[0].tolist() == [2]  # weak counts
+    at = float(P.max_prob(np.asarray([weak], np.float32))[0])  # strictly above: max p == tau is not confident
+    assert P.simulate(make_policy("pcee[maxprob]", 6, 2, patience=2, tau=at), z)[0].tolist() == [4]
+
+
+def test_ensemble_predicts_from_the_mean_of_ramps_up_to_the_exit_and_keeps_the_exits():
+    z = one_row(SURE0, [0.0, 0.4], SURE, SURE, SURE, SURE)  # ramp 2 leans to class 1, weakly
+    for base, params in [("static", dict(k=2)), ("entropy", dict(S=0.7)), ("pabee", dict(patience=3))]:
+        plain = P.simulate(make_policy(base, 6, 2, **params), z)
+        ens = P.simulate(make_policy(base + "+ensemble", 6, 2, **params), z)
+        assert ens[0].tolist() == plain[0].tolist()
+        m = int(ens[0][0])
+        mean = np.mean([np.exp(P.log_softmax(z[i, 0])) for i in range(m)], axis=0)
+        assert ens[1].tolist() == [int(np.argmax(mean))]
+    # static k=2: ramp 2 alone says 1, the mean of ramps 1-2 says 0
+    assert P.simulate(make_policy("static", 6, 2, k=2), z)[1].tolist() == [1]
+    assert P.simulate(make_policy("static+ensemble", 6, 2, k=2), z)[1].tolist() == [0]
+    # regression: the mean of the outputs
+    r = np.asarray([[[1.0]], [[2.0]], [[4.5]]], np.float32)
+    assert P.simulate(make_policy("static+ensemble", 3, 1, k=3), r)[1].tolist() == [2.5]
+
+
+def test_policy_labels_name_the_variants():
+    policy = make_policy("pcee[maxprob]+ensemble", 6, 2, patience=2, tau=0.9)
+    assert (policy.name, policy.confidence, policy.ensemble) == ("pcee", "maxprob", True)
+    assert policy.label == "pcee[maxprob]+ensemble" and str(policy) == "pcee[maxprob]+ensemble(patience=2, tau=0.9)"
+    assert policy.as_dict() == {"policy": "pcee[maxprob]+ensemble", "patience": 2, "tau": 0.9}
+    assert P.parse_label("entropy") == ("entropy", "entropy", False)
+    for bad, match in [("entropy[maxprob]", "confidence applies to pcee only"), ("pcee[foo]", "confidence must be"),
+                       ("pcee+ens", "unknown exit policy"), ("pcee[maxprob]+ensemble+ensemble", "unknown exit policy")]:
+        with pytest.raises(ValueError, match=match):
+            make_policy(bad, 6, 2, patience=2, tau=0.5)
 
 
 def test_maxprob_exits_strictly_above_t():
@@ -320,8 +362,9 @@ def range_ends(name, L, C):
 
     grid = offline.default_grid(name, L, C)
     values = {"entropy": [dict(S=0.0), dict(S=math.log(C))], "pcee": [dict(tau=0.0), dict(tau=1.0)],
+              "pcee[maxprob]": [dict(tau=1.0 / C), dict(tau=1.0)],
               "maxprob": [dict(t=1.0 / C), dict(t=1.0)], "pabee": [{} if C > 1 else dict(delta=0.0)], "static": [dict(k=1), dict(k=L)]}[name]
-    ends = [grid[0], grid[-1]] + [dict(v, patience=p) if name in ("pcee", "pabee") else v
+    ends = [grid[0], grid[-1]] + [dict(v, patience=p) if name.startswith(("pcee", "pabee")) else v
                                   for v in values for p in (1, 2, L)]
     return [make_policy(name, L, C, **params) for params in ends]
 
@@ -346,7 +389,7 @@ def device_exits_in_chunks(policy, logits, rows):
 
 
 @pytest.mark.parametrize("C", [2, 3])
-@pytest.mark.parametrize("name", ["entropy", "pcee", "maxprob", "pabee", "static"])
+@pytest.mark.parametrize("name", ["entropy", "pcee", "maxprob", "pabee", "static", "pcee[maxprob]"])
 def test_range_ends_give_identical_exits_on_host_device_and_offline(name, C):
     from jaxexit import offline
 

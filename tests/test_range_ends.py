@@ -47,8 +47,11 @@ def test_every_mode_gives_identical_exits_at_the_ends_of_every_range(tmp_path, n
     if num_labels > 1:  # unsure ramps, as intended
         spread = np.ptp(cached, axis=-1)
         assert (spread[1] == 0).all() and 0 < spread[[0, 2, 3]].max() < 0.05
-    names = offline.applicable(num_labels)
+    names = offline.applicable(num_labels) + (("pcee[maxprob]",) if num_labels > 1 else ())
     settings = [p for name in names for p in range_ends(name, model.num_layers, num_labels)]
+    # the cross-layer ensemble: the same exits, predictions from the mean of ramps 1..m, in every mode
+    settings += [policies.make_policy(p.label + "+ensemble", p.num_layers, p.num_labels, **dict(p.params))
+                 for name in names for p in range_ends(name, model.num_layers, num_labels)[1:2]]
     for policy in settings:
         want = offline.evaluate(policy, cached)
         np.testing.assert_array_equal(policies.simulate(policy, cached)[0], want.exit_layer)
