@@ -48,7 +48,7 @@ def test_every_run_flag_says_what_it_does(capsys):
     (["--model", "no-such-org/no-such-model"], "error: cannot load model 'no-such-org/no-such-model': it is not a "
                                                "local directory and HF_HUB_OFFLINE is set"),
     (["--model", "../shared/models/all-MiniLM"], "error: checkpoint directory ../shared/models/all-MiniLM does not exist"),
-    (["--scheme", "jiont"], "error: argument --scheme: expected one of two_stage, joint, got 'jiont'"),
+    (["--scheme", "jiont"], "error: argument --scheme: expected one of two_stage, joint, alternate, got 'jiont'"),
     (["--max-length", "1"], "error: --max-length must be in [2, 4096], got 1"),
     (["--config", "sst3"], "error: unknown config 'sst3'"),
     (["--resume", "nowhere"], "error: cannot resume nowhere: not a train/finetune.py run directory"),
