@@ -24,14 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where train/finetune.py wrote its runs (default: runs)")
     p.add_argument("--policy", choices=policies.POLICIES, help="default: pcee when only --patience/--tau are given")
     p.add_argument("--confidence", choices=policies.CONFIDENCES,
-                   help="pcee's per-layer confidence test: entropy (PCEE-BERT, default: H / ln C < tau) or maxprob "
-                        "(PCEE-BERT-v1: max p > tau)")
+                   help="pcee's per-layer confidence test: entropy (PCEE-BERT, default: H / ln C < tau), maxprob "
+                        "(PCEE-BERT-v1: max p > tau) or learned (PCEE-BERT-v2: the LTE's predicted error < tau)")
     p.add_argument("--ensemble", action="store_true",
                    help="cross-layer ensemble: predict from the mean of ramps 1..m's probabilities (exits unchanged)")
     p.add_argument("--patience", type=int, help="pcee, pabee")
     p.add_argument("--tau", type=float, help="pcee: normalised-entropy threshold in [0, 1]")
     p.add_argument("--S", "--entropy", dest="S", type=float, help="entropy: threshold in nats (DeeBERT)")
-    p.add_argument("--t", "--max-prob", dest="t", type=float, help="maxprob: threshold in [0, 1]")
+    p.add_argument("--t", "--max-prob", dest="t", type=float,
+                   help="maxprob: probability threshold; berxit: predicted-error threshold (both in [0, 1])")
     p.add_argument("--delta", type=float, help="pabee on regression: agreement tolerance")
     p.add_argument("--k", type=int, help="static: exit layer")
     p.add_argument("--split", default="dev",

@@ -12,7 +12,11 @@
   Figure 6), measured wall saving against saving in latency mode (DeeBERT Figure 3), and PCEE
   at patience 1, 2, 3, 6 over a fine tau grid: score against saving and average exit layer
   against tau (PCEE-BERT Figures 7 and 8, its "any speed-up ratio" claim), PABEE's few
-  reachable savings beside it.
+  reachable savings beside it;
+* PCEE-BERT's ablations: its confidence variants (-v1 max probability, -v2 the learned exit where
+  the checkpoint has an LTE) at the Table 2 savings and as score-saving curves (its Figure 4), and
+  every policy with and without the cross-layer ensemble (its Figure 6). A checkpoint with an LTE
+  adds BERxiT to Table 2 and to the trade-off figure.
 
 Every threshold is chosen on a seeded random half of the split (the calibration half,
 `offline.split_halves`; the seed is in `analysis.json`) and reported on the other half (the report
@@ -63,10 +67,34 @@ def deebert_rows(task, logits, labels, halves) -> list[dict]:
             for d in DEEBERT_DROPS]
 
 
-def pcee_rows(task, logits, labels, halves) -> list[dict]:
-    return [{"target_saving": t, **_calibrated(name, logits, labels, metrics.primary_scorer(task), halves,
+def pcee_rows(task, outputs, labels, halves) -> list[dict]:
+    logits, lte = offline.parts(outputs)
+    return [{"target_saving": t, **_calibrated(name, outputs, labels, metrics.primary_scorer(task), halves,
                                                target_saving=t)}
-            for name in offline.applicable(logits.shape[2]) for t in TARGET_SAVINGS]
+            for name in offline.applicable(logits.shape[2], lte is not None) for t in TARGET_SAVINGS]
+
+
+def variant_labels(num_labels: int, lte: bool) -> list[str]:
+    """PCEE-BERT and its confidence variants (section 4.6.1) that apply: -v1 needs a softmax, -v2 an LTE."""
+    if num_labels == 1:
+        return ["pcee[learned]"] if lte else []
+    return ["pcee", "pcee[maxprob]"] + (["pcee[learned]"] if lte else [])
+
+
+def variant_rows(task, outputs, labels, halves) -> list[dict]:
+    logits, lte = offline.parts(outputs)
+    return [{"target_saving": t, **_calibrated(name, outputs, labels, metrics.primary_scorer(task), halves,
+                                               target_saving=t)}
+            for name in variant_labels(logits.shape[2], lte is not None) for t in TARGET_SAVINGS]
+
+
+def ensemble_rows(task, outputs, labels, halves) -> list[dict]:
+    """Every policy with and without the cross-layer ensemble at the Table 2 savings."""
+    logits, lte = offline.parts(outputs)
+    return [{"target_saving": t, **_calibrated(label, outputs, labels, metrics.primary_scorer(task), halves,
+                                               target_saving=t)}
+            for name in offline.applicable(logits.shape[2], lte is not None) for label in (name, name + "+ensemble")
+            for t in TARGET_SAVINGS]
 
 
 def histogram_settings(num_layers: int, num_labels: int) -> list[policies.Policy]:
@@ -131,7 +159,8 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    logits = runners.cached_logits(model, data)
+    outputs = runners.cached_logits(model, data)  # logits, or RampOutputs with the LTE's
+    logits, lte = offline.parts(outputs)
     L, N, C = logits.shape
     halves = offline.split_halves(N, split_seed)
     cal_rows, report_rows = halves
@@ -144,13 +173,16 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
         "halves": "thresholds " + offline.describe_halves(halves, split_seed),
         "full_score": offline.full_score(logits, labels, metric),
         "full_score_report": offline.full_score(logits[:, report_rows], labels[report_rows], metric),
+        "lte": lte is not None,
         "per_layer": [metrics.task_metrics(task, p, labels) for p in offline.ramp_predictions(logits)],
-        "deebert": deebert_rows(task, logits, labels, halves),
-        "pcee": pcee_rows(task, logits, labels, halves),
+        "deebert": deebert_rows(task, outputs, labels, halves),
+        "pcee": pcee_rows(task, outputs, labels, halves),
         "histograms": [offline.evaluate(p, logits, labels, metric).row() for p in histogram_settings(L, C)],
         "pcee_curves": pcee_curves(logits, labels, metric),
+        "variants": variant_rows(task, outputs, labels, halves),
+        "ensemble": ensemble_rows(task, outputs, labels, halves),
     }
-    _, _, sweep_rows = inference.sweep(task, logits, labels, out / "tradeoff")
+    _, _, sweep_rows = inference.sweep(task, outputs, labels, out / "tradeoff")
     result["settings_swept"] = len(sweep_rows)
     if timing_inputs:
         held = data.take(report_rows[:timing_inputs])
@@ -159,6 +191,8 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
                          for r in chosen}.values())
         result["timing"] = wall_savings(model, held, settings)
     np.save(out / "logits.npy", logits)
+    if lte is not None:
+        np.save(out / "lte.npy", lte)
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
     plot_per_layer(result, out / "per_layer.png")
     plot_histograms(result, out / "exit_histograms.png")
@@ -166,6 +200,12 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
         plot_wall_saving(result, out / "wall_saving.png")
     if result["pcee_curves"]:
         plot_pcee_curves(result, out / "pcee_patience.png")
+    variants = variant_labels(C, lte is not None)
+    if len(variants) > 1:  # PCEE-BERT Figure 4: the confidence variants on one checkpoint
+        inference.plot_tradeoff(offline.sweep(outputs, labels, metric, dict.fromkeys(variants)), result["metric"],
+                                f"{task.tsv_dir}: PCEE-BERT's confidence variants", out / "pcee_variants.png")
+    plot_ensemble(result, offline.sweep(outputs, labels, metric, {label: None for r in result["ensemble"]
+                                                                  for label in [r["policy"]]}), out / "ensemble.png")
     (out / "tables.md").write_text(tables([result], command=command))
     return result
 
@@ -257,6 +297,30 @@ def plot_pcee_curves(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_ensemble(result: dict, rows: list[dict], path: Path) -> None:
+    """PCEE-BERT Figure 6 form: per policy, score against saving with and without the ensemble
+    (each the Pareto front of its grid)."""
+    from jaxexit import inference
+
+    plt = _pyplot()
+    names = list(dict.fromkeys(policies.parse_label(r["policy"])[0] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), dpi=120, sharey=True)
+    for ax, name in zip(np.atleast_1d(axes), names):
+        for label, style in ((name, "-"), (name + "+ensemble", "--")):
+            front = inference.pareto_front([r for r in rows if r["policy"] == label])
+            ax.plot([p[0] for p in front], [p[1] for p in front], style, marker="o", ms=2,
+                    label="ensemble" if label != name else "plain")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("saving")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel(f"{result['tsv_dir']} {result['metric']}")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.suptitle("With and without the cross-layer ensemble (PCEE-BERT Figure 6 form)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ---- tables over runs --------------------------------------------------------------------------------
 def _pts(values: list[float]) -> str:
     """Points (x100): the value, or mean ± standard deviation over seeds."""
@@ -311,6 +375,30 @@ def _deebert_cell(runs: list[dict], drop: float) -> str:
     if cell != "n/a" and all(w is not None for w in walls):
         cell = cell[:-1] + f", wall {_pts(walls)}%)"
     return cell
+
+
+def _saving_row(label: str, runs: list[dict], key: str) -> str:
+    cells = [_cell([next((r for r in a.get(key, []) if r["policy"] == label and r["target_saving"] == t), None)
+                    for a in runs]) for t in TARGET_SAVINGS]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _ablation_tables(groups: dict[str, list[dict]], scheme: str) -> list[str]:
+    """PCEE-BERT's ablations at the Table 2 savings: confidence variants (Figure 4) and each policy
+    with and without the ensemble (Figure 6). Runs analysed before these existed are skipped."""
+    out = []
+    header = ["| policy | " + " | ".join(f"saving >= {int(t * 100)}% on the calibration half" for t in TARGET_SAVINGS)
+              + " |", "|---|" + "---|" * len(TARGET_SAVINGS)]
+    for key, title in (("variants", "PCEE-BERT Figure 4 form: confidence variants (pcee = PCEE-BERT, "
+                                    "pcee[maxprob] = -v1, pcee[learned] = -v2)"),
+                       ("ensemble", "PCEE-BERT Figure 6 form: each policy with and without the cross-layer ensemble")):
+        for task, runs in sorted(groups.items()):
+            labels = list(dict.fromkeys(r["policy"] for r in runs[0].get(key, [])))
+            if len(labels) < 2:
+                continue
+            out += [f"### {title} ({scheme} checkpoints)", "", f"{task}, {len(runs)} seed(s):", ""] + header
+            out += [_saving_row(label, runs, key) for label in labels] + [""]
+    return out
 
 
 def _coverage_rows(groups: dict[str, list[dict]]) -> list[str]:
@@ -374,6 +462,7 @@ def tables(analyses: list[dict], command: str = "") -> str:
                                 for a in runs]) for t in TARGET_SAVINGS]
                 out.append(f"| {name}{' (reference)' if name == 'static' else ''} | " + " | ".join(cells) + " |")
             out.append("")
+        out += _ablation_tables(groups, scheme)
         coverage = _coverage_rows(groups)
         if coverage:
             out += [f"### PCEE-BERT Figure 8 form: which savings each policy reaches ({scheme} checkpoints, "

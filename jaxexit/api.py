@@ -62,6 +62,12 @@ def init_ramps(cfg: EncoderConfig, rng: jax.Array, pooler: dict | None = None) -
     return ramps
 
 
+def init_lte(cfg: EncoderConfig, rng: jax.Array) -> dict:
+    """A fresh learning-to-exit module (dense kernel N(0, initializer_range), zero bias)."""
+    pooled = jnp.zeros((1, cfg.hidden_size), jnp.float32)
+    return jax.tree_util.tree_map(np.asarray, modeling.LearnedExit(cfg).init(rng, pooled)["params"])
+
+
 def _copy(tree):
     return jax.tree_util.tree_map(np.array, tree)
 
@@ -119,12 +125,15 @@ class EarlyExitModel:
         if pooler is None:
             log.info("%s has no pooler: ramp poolers start from a fresh init", directory)
         ramps = init_ramps(config, jax.random.PRNGKey(seed), pooler)
+        params = {"backbone": backbone, "ramps": ramps}
+        if config.lte:
+            params["lte"] = init_lte(config, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
         tokenizer = None
         if any((directory / name).is_file() for name in TOKENIZER_FILES):
             tokenizer = Tokenizer.from_pretrained(directory, max_length=max_length)
         else:
             log.warning("%s has no tokenizer files: pass token ids to the model yourself", directory)
-        return cls(config, {"backbone": backbone, "ramps": ramps}, tokenizer, source=str(name_or_path))
+        return cls(config, params, tokenizer, source=str(name_or_path))
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike) -> "EarlyExitModel":

@@ -67,6 +67,7 @@ class EncoderConfig(DictConfig):
     num_labels: int = 2  # 1 means regression (STS-B)
     ramp_pooler: str = "per_ramp"  # "per_ramp" (DeeBERT) or "shared" (PABEE / PCEE)
     ramp_input: str = "cls"  # what a ramp reads of its layer: the first token (the papers) or the masked mean
+    lte: bool = False  # BERxiT's learning-to-exit module (params["lte"]), one for all layers
     classifier_dropout: float | None = None  # None: hidden_dropout_prob, as in BERT
     dtype: str = "float32"  # compute dtype; parameters are always float32
 

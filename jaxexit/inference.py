@@ -136,7 +136,8 @@ def report(task: glue.Task, policy: policies.Policy, exits: runners.Exits, full_
         out["metric"] = metrics.primary_metric(task)
         out["score"] = out["metrics"][out["metric"]]
         if cached is not None:
-            out["per_layer"] = [metrics.task_metrics(task, policies.prediction(z), labels) for z in cached]
+            out["per_layer"] = [metrics.task_metrics(task, policies.prediction(z), labels)
+                                for z in offline.parts(cached)[0]]
     return out
 
 
@@ -207,6 +208,16 @@ def sweep(task: glue.Task, cached: np.ndarray, labels: np.ndarray, out_prefix: P
     return csv_path, png, rows
 
 
+def pareto_front(rows: list[dict]) -> list[tuple[float, float]]:
+    """(saving, score) points no other row beats on both, from the largest saving down."""
+    front, best = [], -math.inf
+    for saving, score in sorted(((r["saving"], r["score"]) for r in rows), key=lambda p: (-p[0], -p[1])):
+        if score > best:  # from the largest saving down: keep points that improve the score
+            front.append((saving, score))
+            best = score
+    return front
+
+
 def plot_tradeoff(rows: list[dict], metric_name: str, title: str, path: Path) -> None:
     """Score against saving, one curve per policy (its Pareto front over the grid) plus all points."""
     import matplotlib
@@ -216,13 +227,9 @@ def plot_tradeoff(rows: list[dict], metric_name: str, title: str, path: Path) ->
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for name in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted(((r["saving"], r["score"]) for r in rows if r["policy"] == name), key=lambda p: (-p[0], -p[1]))
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, alpha=0.25)
-        front, best = [], -math.inf
-        for saving, score in pts:  # from the largest saving down: keep points that improve the score
-            if score > best:
-                front.append((saving, score))
-                best = score
+        mine = [r for r in rows if r["policy"] == name]
+        ax.scatter([r["saving"] for r in mine], [r["score"] for r in mine], s=6, alpha=0.25)
+        front = pareto_front(mine)
         ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", ms=3, label=name,
                 color=ax.collections[-1].get_facecolor()[0][:3])
     ax.set_xlabel("saving = 1 - avg_layers / L")

@@ -6,6 +6,7 @@ Parameter names mirror Hugging Face's BERT (`embeddings/LayerNorm/scale`,
     {"backbone": {"embeddings": {...}, "layer": {"0": {...}, ...}},
      "ramps":    {"0": {"pooler": {"dense": ...}, "classifier": ...}, ...}}     # per_ramp
      "ramps":    {"pooler": {"dense": ...}, "0": {"classifier": ...}, ...}}     # shared
+     "lte":      {"dense": {"kernel": [H, 1], "bias": [1]}}                     # with cfg.lte only
 
 Keys are 0-based like Hugging Face's (`ramps/"0"` is ramp 1 of DESIGN.md). ALBERT's backbone
 holds `num_hidden_groups` layer entries that the L layers share.
@@ -20,6 +21,7 @@ input goes on (see below).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,6 +30,15 @@ import jax.numpy as jnp
 from jaxexit.config import EncoderConfig
 
 Params = dict
+
+
+class RampOutputs(NamedTuple):
+    """A ramp's output on a model with a learning-to-exit module: its logits `[..., C]` and the
+    LTE's pre-sigmoid output `[...]` (float32; `policies.predicted_error` is its sigmoid, at float64).
+    Models without an LTE give the logits array alone."""
+
+    logits: jax.Array
+    lte: jax.Array
 
 _ACT = {
     "gelu": functools.partial(nn.gelu, approximate=False),  # exact erf GELU, as BERT
@@ -208,10 +219,23 @@ class Ramp(nn.Module):
     pooler: nn.Module | None = None  # a shared Pooler owned elsewhere (PABEE/PCEE), else its own
 
     @nn.compact
-    def __call__(self, features, deterministic: bool = True):
+    def __call__(self, features, deterministic: bool = True, return_pooled: bool = False):
         pooler = self.pooler if self.pooler is not None else Pooler(self.cfg, name="pooler")
-        x = nn.Dropout(self.cfg.ramp_dropout)(pooler(features), deterministic=deterministic)
-        return _dense(self.cfg, self.cfg.num_labels, "classifier")(x).astype(jnp.float32)
+        pooled = pooler(features)
+        x = nn.Dropout(self.cfg.ramp_dropout)(pooled, deterministic=deterministic)
+        logits = _dense(self.cfg, self.cfg.num_labels, "classifier")(x).astype(jnp.float32)
+        return (logits, pooled) if return_pooled else logits
+
+
+class LearnedExit(nn.Module):
+    """BERxiT's learning-to-exit module: one dense unit on a ramp's pooled output, shared by every
+    layer. Returns the pre-sigmoid output `[...]` in float32; sigmoid of it predicts the ramp's error."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, pooled):
+        return _dense(self.cfg, 1, "dense")(pooled)[..., 0].astype(jnp.float32)
 
 
 class Backbone(nn.Module):
@@ -253,12 +277,13 @@ class Ramps(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, features, deterministic: bool = True):
+    def __call__(self, features, deterministic: bool = True, return_pooled: bool = False):
+        """Logits `[K, B, C]`; with `return_pooled`, also each ramp's pooled output `[K, B, H]`."""
         shared = Pooler(self.cfg, name="pooler") if self.cfg.ramp_pooler == "shared" else None
-        return jnp.stack(
-            [Ramp(self.cfg, pooler=shared, name=str(i))(features[i], deterministic)
-             for i in range(features.shape[0])]
-        )
+        outs = [Ramp(self.cfg, pooler=shared, name=str(i))(features[i], deterministic, return_pooled=True)
+                for i in range(features.shape[0])]
+        logits = jnp.stack([o[0] for o in outs])
+        return (logits, jnp.stack([o[1] for o in outs])) if return_pooled else logits
 
 
 class MultiExitEncoder(nn.Module):
@@ -272,12 +297,22 @@ class MultiExitEncoder(nn.Module):
     def setup(self):
         self.backbone = Backbone(self.cfg)
         self.ramps = Ramps(self.cfg)
+        if self.cfg.lte:
+            self.lte = LearnedExit(self.cfg)
 
     def __call__(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True,
                  output_hidden_states: bool = False):
         hidden = self.encode(input_ids, token_type_ids, attention_mask, deterministic)
         logits = self.classify(ramp_input(self.cfg, hidden[1:], attention_bias(attention_mask)), deterministic)
+        if self.cfg.lte and self.is_initializing():  # create its parameters; `learned_exit` runs it
+            self.lte(jnp.zeros((1, self.cfg.hidden_size), jnp.float32))
         return logits, (hidden if output_hidden_states else None)
+
+    def learned_exit(self, features):
+        """Every ramp's logits `[K, B, C]` and the LTE's output `[K, B]` on ramp inputs `[K, B, H]`
+        (eval mode: no dropout)."""
+        logits, pooled = self.ramps(features, True, return_pooled=True)
+        return logits, self.lte(pooled)
 
     def encode(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True,
                num_layers: int | None = None):
@@ -295,11 +330,26 @@ def layer_params(cfg: EncoderConfig, params: Params, layer: int) -> Params:
 
 
 def ramp_params(cfg: EncoderConfig, params: Params, layer: int) -> Params:
-    """Parameters of the ramp after 0-based layer `layer`, always as `{"pooler", "classifier"}`."""
+    """Parameters of the ramp after 0-based layer `layer`, as `{"pooler", "classifier"}`, plus the
+    shared `"lte"` on a model with a learning-to-exit module."""
     ramps = params["ramps"]
     own = ramps[str(layer)]
     pooler = ramps["pooler"] if cfg.ramp_pooler == "shared" else own["pooler"]
-    return {"pooler": pooler, "classifier": own["classifier"]}
+    out = {"pooler": pooler, "classifier": own["classifier"]}
+    if cfg.lte:
+        out["lte"] = params["lte"]
+    return out
+
+
+def ramp_output(cfg: EncoderConfig, ramp_p: Params, features, rngs=None):
+    """One ramp on its input `[B, H]`: logits `[B, C]`, or `RampOutputs(logits, lte)` with an LTE.
+    Dropout only with `rngs`."""
+    head = {"pooler": ramp_p["pooler"], "classifier": ramp_p["classifier"]}
+    logits, pooled = Ramp(cfg).apply({"params": head}, features, deterministic=rngs is None, rngs=rngs,
+                                     return_pooled=True)
+    if "lte" not in ramp_p:
+        return logits
+    return RampOutputs(logits, LearnedExit(cfg).apply({"params": ramp_p["lte"]}, pooled))
 
 
 def embed(cfg: EncoderConfig, params: Params, batch: dict, rng: jax.Array | None = None):
@@ -322,8 +372,7 @@ def layer_ramp_step(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden,
     rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 0)}
     h = Layer(cfg).apply({"params": layer_p}, hidden, bias, deterministic=rng is None, rngs=rngs)
     rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 1)}
-    logits = Ramp(cfg).apply({"params": ramp_p}, ramp_input(cfg, h, bias), deterministic=rng is None, rngs=rngs)
-    return h, logits
+    return h, ramp_output(cfg, ramp_p, ramp_input(cfg, h, bias), rngs)
 
 
 # ---- early-exit steps: a ramp needs only its layer's first token -------------------------------------
@@ -340,7 +389,7 @@ def _first_token_exit(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidde
     if cfg.ramp_input != "cls":
         raise ValueError(f"the first-token exit steps need ramp_input 'cls', not {cfg.ramp_input!r}")
     out, kv = Layer(cfg).apply({"params": layer_p}, hidden, bias, queries=hidden[:, :1], return_kv=True)
-    return kv, Ramp(cfg).apply({"params": ramp_p}, out[:, 0])
+    return kv, ramp_output(cfg, ramp_p, out[:, 0])
 
 
 def first_exit_step(cfg: EncoderConfig, params: Params, batch: dict):

@@ -15,6 +15,10 @@ regression (`C = 1`); with the cross-layer ensemble (`+ensemble`), of the mean o
 
 Policies are named by their label everywhere here (`pcee`, `pcee[maxprob]`, `entropy+ensemble`;
 `policies.parse_label`).
+
+Cached ramp outputs are logits `[L, N, C]`, or on a model with a learning-to-exit module
+`RampOutputs(logits, lte [L, N])` (what `runners.cached_logits` returns); every function here takes
+either, and the learned policies (berxit, pcee[learned]) need the second.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from jaxexit import policies
+from jaxexit.modeling import RampOutputs
 from jaxexit.policies import Policy
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
@@ -35,6 +40,19 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 _BLOCK = 1 << 22
 # Slack for comparing savings and score drops: 0.9 - 0.8 is 0.09999999999999998 in floats.
 _TOL = 1e-9
+
+
+# ---- cached outputs --------------------------------------------------------------------------------
+def parts(outputs) -> tuple[np.ndarray, np.ndarray | None]:
+    """`(logits [L, N, C], lte [L, N] or None)` as numpy arrays."""
+    logits, lte = policies.split_outputs(outputs)
+    return np.asarray(logits), None if lte is None else np.asarray(lte)
+
+
+def take(outputs, rows):
+    """The inputs `rows` (indices) of cached outputs, of either form."""
+    logits, lte = parts(outputs)
+    return logits[:, rows] if lte is None else RampOutputs(logits[:, rows], lte[:, rows])
 
 
 # ---- efficiency and predictions ------------------------------------------------------------------
@@ -49,15 +67,15 @@ def exit_histogram(exit_layer, num_layers: int) -> np.ndarray:
     return np.bincount(np.asarray(exit_layer) - 1, minlength=num_layers)
 
 
-def ramp_predictions(logits) -> np.ndarray:
+def ramp_predictions(outputs) -> np.ndarray:
     """Every ramp's predictions `[L, N]` from logits `[L, N, C]`."""
-    return policies.prediction(np.asarray(logits))
+    return policies.prediction(parts(outputs)[0])
 
 
-def ensemble_predictions(logits) -> np.ndarray:
+def ensemble_predictions(outputs) -> np.ndarray:
     """`[L, N]`: at layer m, the prediction from the mean of ramps 1..m's probabilities (regression:
     outputs), summed in float32 layer by layer exactly as `policies.step` sums them live."""
-    logits = np.asarray(logits)
+    logits = parts(outputs)[0]
     acc = np.zeros(logits.shape[1:], np.float32)
     out = np.empty(logits.shape[:2], np.float64 if logits.shape[2] == 1 else np.int32)
     for m in range(len(logits)):
@@ -66,10 +84,10 @@ def ensemble_predictions(logits) -> np.ndarray:
     return out
 
 
-def exit_outputs(policy: Policy, logits, exit_layer) -> np.ndarray:
+def exit_outputs(policy: Policy, outputs, exit_layer) -> np.ndarray:
     """What each row's prediction is made from `[N, C]` (as `policies.output` live): its exit
     ramp's logits, or with the ensemble the mean of ramps 1..m's probabilities (regression: outputs)."""
-    logits = np.asarray(logits)
+    logits = parts(outputs)[0]
     rows = np.arange(logits.shape[1])
     if not policy.ensemble:
         return logits[np.asarray(exit_layer) - 1, rows]
@@ -89,14 +107,18 @@ def _predictions(policy: Policy, logits, cache: dict) -> np.ndarray:
     return cache[key]
 
 
-def full_score(logits, labels, metric: Metric) -> float:
+def full_score(outputs, labels, metric: Metric) -> float:
     """The full model's score: ramp `L` for every input."""
-    return float(metric(ramp_predictions(logits)[-1], labels))
+    return float(metric(ramp_predictions(outputs)[-1], labels))
 
 
 # ---- closed form over a grid of settings ---------------------------------------------------------
-def _layer_measure(policy: Policy, logits: np.ndarray):
+def _layer_measure(policy: Policy, logits: np.ndarray, lte: np.ndarray | None):
     """What a policy thresholds, for every ramp and row: `[L, N]` (None for static)."""
+    if policy.needs_lte:
+        if lte is None:
+            raise ValueError(policies.NEEDS_LTE.format(policy=policy.label))
+        return policies.predicted_error(lte)
     if policy.name == "pcee" and policy.confidence == "maxprob":
         return policies.max_prob(logits)
     return {
@@ -131,6 +153,8 @@ def _fires(name: str, measure, block: Sequence[Policy], shape: tuple[int, int]) 
         return measure[:, None] < col("S")
     if name == "maxprob":
         return measure[:, None] > col("t")
+    if name == "berxit":
+        return measure[:, None] < col("t")
     if name == "pcee":
         confident = measure[:, None] > col("tau") if block[0].confidence == "maxprob" else measure[:, None] < col("tau")
         return _run_length(confident) >= col("patience")
@@ -154,7 +178,8 @@ def _first_exit(fires: np.ndarray) -> np.ndarray:
     return exit_layer
 
 
-def _blocks(settings: Sequence[Policy], logits: np.ndarray) -> Iterator[tuple[list[int], np.ndarray]]:
+def _blocks(settings: Sequence[Policy], logits: np.ndarray, lte: np.ndarray | None
+            ) -> Iterator[tuple[list[int], np.ndarray]]:
     """`(positions in settings, their exit layers [len(positions), N])`; each policy's measure once."""
     L, N, C = logits.shape
     for p in settings:
@@ -164,20 +189,20 @@ def _blocks(settings: Sequence[Policy], logits: np.ndarray) -> Iterator[tuple[li
     kind = lambda p: (p.name, p.confidence)  # noqa: E731  (what decides exits; the ensemble does not)
     for name, confidence in dict.fromkeys(kind(p) for p in settings):
         group = [i for i, p in enumerate(settings) if kind(p) == (name, confidence)]
-        measure = _layer_measure(settings[group[0]], logits)
+        measure = _layer_measure(settings[group[0]], logits, lte)
         for start in range(0, len(group), size):
             positions = group[start:start + size]
             block = [settings[i] for i in positions]
             yield positions, _first_exit(_fires(name, measure, block, (L, N)))
 
 
-def exit_layers(settings: Policy | Sequence[Policy], logits) -> np.ndarray:
+def exit_layers(settings: Policy | Sequence[Policy], outputs) -> np.ndarray:
     """Exit layers (1-based) for one policy `[N]` or for a list of settings `[G, N]` (any mix)."""
-    logits = np.asarray(logits)
     if isinstance(settings, Policy):
-        return exit_layers([settings], logits)[0]
+        return exit_layers([settings], outputs)[0]
+    logits, lte = parts(outputs)
     out = np.empty((len(settings), logits.shape[1]), np.int64)
-    for positions, layers in _blocks(list(settings), logits):
+    for positions, layers in _blocks(list(settings), logits, lte):
         out[positions] = layers
     return out
 
@@ -213,10 +238,10 @@ def _score(metric: Metric | None, prediction, labels):
     return float(metric(prediction, labels))
 
 
-def evaluate(policy: Policy, logits, labels=None, metric: Metric | None = None) -> Evaluation:
+def evaluate(policy: Policy, outputs, labels=None, metric: Metric | None = None) -> Evaluation:
     """Exit layers, predictions, efficiency, histogram and (with `metric`) score of one setting."""
-    logits = np.asarray(logits)
-    exit_layer = exit_layers(policy, logits)
+    logits = parts(outputs)[0]
+    exit_layer = exit_layers(policy, outputs)
     prediction = _predictions(policy, logits, {})[exit_layer - 1, np.arange(logits.shape[1])]
     eff = efficiency(exit_layer, policy.num_layers)
     return Evaluation(policy, exit_layer, prediction, exit_histogram(exit_layer, policy.num_layers),
@@ -236,6 +261,8 @@ def default_grid(label: str, num_layers: int, num_labels: int) -> list[dict]:
     q = np.linspace(0.0, 1.0, 201) ** 2
     if name in policies.SOFTMAX_POLICIES and C == 1:
         raise ValueError(f"policy {name!r} does not apply to regression (num_labels=1)")
+    if name == "berxit":  # exit when the predicted error u < t: dense near 0, from t = 0 (never) up to 1
+        return [{"t": float(x)} for x in q]
     if name == "pcee" and confidence == "maxprob":  # confident when max p > tau: tau from 1 down to 1 / C
         taus = 1.0 - np.linspace(0.0, 1.0, 41) ** 2 * (1.0 - 1.0 / C)
         taus[-1] = 1.0 / C
@@ -256,12 +283,13 @@ def default_grid(label: str, num_layers: int, num_labels: int) -> list[dict]:
     raise ValueError(f"unknown exit policy {name!r}; choose one of {policies.POLICIES}")
 
 
-def applicable(num_labels: int) -> tuple[str, ...]:
-    """Policies that apply to a task with `num_labels` outputs."""
-    return tuple(n for n in policies.POLICIES if num_labels > 1 or n not in policies.SOFTMAX_POLICIES)
+def applicable(num_labels: int, lte: bool = False) -> tuple[str, ...]:
+    """Policies that apply to a task with `num_labels` outputs (berxit: with a learning-to-exit module)."""
+    return tuple(n for n in policies.POLICIES if (num_labels > 1 or n not in policies.SOFTMAX_POLICIES)
+                 and (lte or n != "berxit"))
 
 
-def sweep(logits, labels=None, metric: Metric | None = None,
+def sweep(outputs, labels=None, metric: Metric | None = None,
           grids: Mapping[str, Sequence[Mapping] | None] | None = None) -> list[dict]:
     """Evaluate every setting of every policy's grid; one row per setting, in grid order.
 
@@ -269,15 +297,15 @@ def sweep(logits, labels=None, metric: Metric | None = None,
     policy that applies to the task. Rows: `{"policy", "params", "score", "avg_layers", "saving",
     "speedup", "exit_histogram"}`.
     """
-    logits = np.asarray(logits)
+    logits, lte = parts(outputs)
     L, N, C = logits.shape
     if grids is None:
-        grids = dict.fromkeys(applicable(C))
+        grids = dict.fromkeys(applicable(C, lte is not None))
     settings = [policies.make_policy(label, L, C, **params)
                 for label, grid in grids.items()
                 for params in (default_grid(label, L, C) if grid is None else grid)]
     cache, rows = {}, [None] * len(settings)
-    for positions, layers in _blocks(settings, logits):
+    for positions, layers in _blocks(settings, logits, lte):
         for i, exit_layer in zip(positions, layers):
             prediction = _predictions(settings[i], logits, cache)[exit_layer - 1, np.arange(N)]
             rows[i] = _row(settings[i], _score(metric, prediction, labels), exit_layer, exit_histogram(exit_layer, L))
@@ -331,7 +359,7 @@ class Calibration:
     chosen: dict = dataclasses.field(default_factory=dict)
 
 
-def calibrate(name: str, logits, labels, metric: Metric, *, target_saving: float | None = None,
+def calibrate(name: str, outputs, labels, metric: Metric, *, target_saving: float | None = None,
               max_drop: float | None = None, grid: Sequence[Mapping] | None = None,
               fixed: Mapping | None = None, heldout: tuple | None = None) -> Calibration:
     """Choose policy `name`'s setting on a calibration split; report it on `heldout=(logits, labels)`.
@@ -353,15 +381,14 @@ def calibrate(name: str, logits, labels, metric: Metric, *, target_saving: float
         raise ValueError(f"max_drop must be >= 0, got {max_drop}")
     if metric is None or labels is None:
         raise ValueError("calibration needs labels and a metric")
-    logits = np.asarray(logits)
-    L, _, C = logits.shape
+    L, _, C = parts(outputs)[0].shape
     fixed = dict(fixed or {})
     if grid is None:
         grid = calibration_grid(name, L, C, fixed)
     elif fixed:
         raise ValueError("give a grid or fixed parameters, not both")
-    full = full_score(logits, labels, metric)
-    rows = [_with_drop(r, full) for r in sweep(logits, labels, metric, {name: grid})]
+    full = full_score(outputs, labels, metric)
+    rows = [_with_drop(r, full) for r in sweep(outputs, labels, metric, {name: grid})]
     if target_saving is not None:
         rule = f"max score s.t. saving >= {target_saving}"
         ok = [i for i, r in enumerate(rows) if r["saving"] >= target_saving - _TOL]
@@ -387,13 +414,13 @@ def calibrate(name: str, logits, labels, metric: Metric, *, target_saving: float
     return Calibration(policy, rule, chosen, report, {k: policy[k] for k in fixed}, picked)
 
 
-def calibrate_on_halves(name: str, logits, labels, metric: Metric, halves: tuple, **rule) -> Calibration:
+def calibrate_on_halves(name: str, outputs, labels, metric: Metric, halves: tuple, **rule) -> Calibration:
     """`calibrate` on the calibration half `halves[0]`, reported on the report half `halves[1]`
     (index arrays from `split_halves`); `rule` is calibrate's keyword arguments."""
     cal_rows, report_rows = halves
-    logits, labels = np.asarray(logits), np.asarray(labels)
-    return calibrate(name, logits[:, cal_rows], labels[cal_rows], metric,
-                     heldout=(logits[:, report_rows], labels[report_rows]), **rule)
+    labels = np.asarray(labels)
+    return calibrate(name, take(outputs, cal_rows), labels[cal_rows], metric,
+                     heldout=(take(outputs, report_rows), labels[report_rows]), **rule)
 
 
 def describe_halves(halves: tuple, seed: int) -> str:

@@ -24,16 +24,22 @@ def stage_rules(stage: int, num_layers: int) -> list[tuple[str, str]]:
     """(regex over "backbone/.../kernel" paths, label) rules; the first match wins.
 
     stage 0 is the joint scheme and 3 the alternating one (everything trains); stage 1 trains the
-    backbone and ramp L (with the shared pooler, if any); stage 2 trains ramps 1..L-1 only.
+    backbone and ramp L (with the shared pooler, if any); stage 2 trains ramps 1..L-1 only; stage 4
+    trains the learning-to-exit module only (frozen in every other stage).
     """
     last = rf"ramps/{num_layers - 1}/"
+    lte = (r"^lte/", FROZEN)  # the learning-to-exit module trains in stage 4 only
     if stage in (0, 3):
-        return [(r"^(backbone|ramps)/", TRAINABLE)]
+        return [(r"^(backbone|ramps)/", TRAINABLE), lte]
     if stage == 1:
-        return [(r"^backbone/", TRAINABLE), (last, TRAINABLE), (r"^ramps/pooler/", TRAINABLE), (r"^ramps/", FROZEN)]
+        return [(r"^backbone/", TRAINABLE), (last, TRAINABLE), (r"^ramps/pooler/", TRAINABLE), (r"^ramps/", FROZEN),
+                lte]
     if stage == 2:
-        return [(r"^backbone/", FROZEN), (last, FROZEN), (r"^ramps/pooler/", FROZEN), (r"^ramps/\d+/", TRAINABLE)]
-    raise ValueError(f"stage must be 0 (joint), 1, 2 or 3 (alternate), got {stage}")
+        return [(r"^backbone/", FROZEN), (last, FROZEN), (r"^ramps/pooler/", FROZEN), (r"^ramps/\d+/", TRAINABLE),
+                lte]
+    if stage == 4:
+        return [(r"^lte/", TRAINABLE), (r"^(backbone|ramps)/", FROZEN)]
+    raise ValueError(f"stage must be 0 (joint), 1, 2, 3 (alternate) or 4 (learning to exit), got {stage}")
 
 
 def param_labels(params, stage: int, num_layers: int):

@@ -24,14 +24,20 @@ Policies (DESIGN.md, "Exit policies"), with `p = softmax(z)`, `C` classes:
   pabee(patience[, delta])  k = k + 1 if argmax z == previous argmax else 0 (regression:
                         |z - previous z| < delta); exit at k = patience        PABEE
   static(k)             everyone exits at layer k                              budgeted exit
+  berxit(t)             exit when the LTE's predicted error u < t              BERxiT (needs an LTE)
 
 Two options (PCEE-BERT section 4.6), written into a policy's label, which is what names a policy
 everywhere (result rows, grids, calibration, `make_policy`):
   pcee[maxprob]         PCEE-BERT-v1: a layer is confident when max p > tau (instead of H / ln C < tau)
+  pcee[learned]         PCEE-BERT-v2: a layer is confident when the LTE's u < tau
   <policy>+ensemble     the cross-layer ensemble: an input exiting at layer m is predicted from the
                         mean of ramps 1..m's probabilities (regression: outputs); exits unchanged.
 The running sum lives in the policy state (`ens`), in float32 from the float64 probabilities, the
 same additions in the same order in every mode; `output` gives a row's prediction source.
+
+A ramp's output is its logits `[B, C]`, or on a model with a learning-to-exit module
+`RampOutputs(logits, lte)` (`lte [B]`: the LTE's pre-sigmoid output); `step`, `simulate` and
+`scan_exits` take either, and the learned policies need the second.
 """
 
 from __future__ import annotations
@@ -48,10 +54,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-POLICIES = ("entropy", "pcee", "maxprob", "pabee", "static")
+from jaxexit.modeling import RampOutputs
+
+POLICIES = ("entropy", "pcee", "maxprob", "pabee", "static", "berxit")
 # Policies that threshold a softmax confidence: degenerate for one output (regression).
 SOFTMAX_POLICIES = ("entropy", "pcee", "maxprob")
-CONFIDENCES = ("entropy", "maxprob")  # pcee's confidence test: PCEE-BERT, PCEE-BERT-v1
+CONFIDENCES = ("entropy", "maxprob", "learned")  # pcee's confidence test: PCEE-BERT, -v1, -v2
 _LABEL = re.compile(r"^(?P<name>[a-z]+)(?:\[(?P<confidence>[a-z]+)\])?(?P<ensemble>\+ensemble)?$")
 
 State = dict  # name -> per-row array [B]; empty for stateless policies
@@ -61,7 +69,7 @@ def param_names(name: str, num_labels: int) -> tuple[str, ...]:
     """The parameters policy `name` takes (pabee's `delta` only for regression)."""
     if name == "pabee":
         return ("patience", "delta") if num_labels == 1 else ("patience",)
-    return {"entropy": ("S",), "pcee": ("patience", "tau"), "maxprob": ("t",), "static": ("k",)}[name]
+    return {"entropy": ("S",), "pcee": ("patience", "tau"), "maxprob": ("t",), "static": ("k",), "berxit": ("t",)}[name]
 
 
 # ---- the policy value ---------------------------------------------------------------------------
@@ -78,7 +86,7 @@ class Policy:
     num_layers: int
     num_labels: int
     params: tuple[tuple[str, Any], ...]
-    confidence: str = "entropy"  # pcee only: "maxprob" is PCEE-BERT-v1
+    confidence: str = "entropy"  # pcee only: "maxprob" is PCEE-BERT-v1, "learned" -v2
     ensemble: bool = False       # predict from the mean of ramps 1..m (exits unchanged)
 
     def __post_init__(self):
@@ -88,8 +96,13 @@ class Policy:
             raise ValueError(f"confidence applies to pcee only, not to {self.name!r}")
         if not isinstance(self.ensemble, bool):
             raise ValueError(f"ensemble must be True or False, got {self.ensemble!r}")
-        checked = _validate(self.name, self.num_layers, self.num_labels, dict(self.params))
+        checked = _validate(self.name, self.num_layers, self.num_labels, dict(self.params), self.confidence)
         object.__setattr__(self, "params", tuple(sorted(checked.items())))
+
+    @property
+    def needs_lte(self) -> bool:
+        """Whether the policy reads the learning-to-exit module's output (berxit, pcee[learned])."""
+        return self.name == "berxit" or self.confidence == "learned"
 
     @property
     def label(self) -> str:
@@ -178,12 +191,13 @@ def threshold(policy: Policy, key: str, xp=np):
 jax.tree_util.register_pytree_node(Policy, _flatten, _unflatten)
 
 
-def _validate(name: str, num_layers: int, num_labels: int, params: Mapping[str, Any]) -> dict:
+def _validate(name: str, num_layers: int, num_labels: int, params: Mapping[str, Any],
+              confidence: str = "entropy") -> dict:
     if name not in POLICIES:
         raise ValueError(f"unknown exit policy {name!r}; choose one of {POLICIES}")
     L = _integer("num_layers", num_layers, low=1)
     C = _integer("num_labels", num_labels, low=1)
-    if C == 1 and name in SOFTMAX_POLICIES:
+    if C == 1 and name in SOFTMAX_POLICIES and confidence != "learned":
         raise ValueError(
             f"policy {name!r} thresholds softmax confidence, which is constant for a regression "
             f"task (num_labels=1); use 'pabee' (with delta) or 'static'"
@@ -199,7 +213,7 @@ def _validate(name: str, num_layers: int, num_labels: int, params: Mapping[str, 
         if key in ("patience", "k"):
             out[key] = _integer(key, value, low=1, high=L if key == "k" else None)
         else:
-            high = 1.0 if key in ("tau", "t") else math.inf
+            high = 1.0 if key in ("tau", "t") else math.inf  # berxit's t bounds a predicted error in [0, 1]
             out[key] = _real(key, value, low=0.0, high=high)
     return out
 
@@ -289,6 +303,23 @@ def max_prob(logits, xp=np):
         return _pin(m, logits, xp, low, math.nextafter(low, 1.0))
 
 
+def predicted_error(lte, xp=np):
+    """The LTE's predicted error u = sigmoid(lte output) in float64, strictly inside (0, 1), so that
+    t (or tau) = 0 never fires and 1 always does, in every mode."""
+    with _x64(xp):
+        a = xp.asarray(lte).astype(xp.float64)
+        e = xp.exp(-xp.abs(a))  # no overflow for large |a|
+        u = xp.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        return xp.clip(u, math.nextafter(0.0, 1.0), math.nextafter(1.0, 0.0))
+
+
+def split_outputs(outputs):
+    """`(logits, lte or None)` of a ramp output (logits alone, or `RampOutputs`)."""
+    if isinstance(outputs, RampOutputs):
+        return outputs.logits, outputs.lte
+    return outputs, None
+
+
 def prediction(logits, xp=np):
     """A ramp's prediction: argmax (int32) for classification, the scalar for regression (C = 1;
     float64 on the host, the logits' own dtype on the device)."""
@@ -324,24 +355,26 @@ def _holds(measure, z, above: bool, policy, key, xp):
         return value > limit if above else value < limit
 
 
-def _entropy(policy, state, z, layer, xp):
+def _entropy(policy, state, z, lte, layer, xp):
     return state, _holds(entropy, z, False, policy, "S", xp)
 
 
-def _maxprob(policy, state, z, layer, xp):
+def _maxprob(policy, state, z, lte, layer, xp):
     return state, _holds(max_prob, z, True, policy, "t", xp)
 
 
-def _pcee(policy, state, z, layer, xp):
+def _pcee(policy, state, z, lte, layer, xp):
     if policy.confidence == "maxprob":  # PCEE-BERT-v1
         confident = _holds(max_prob, z, True, policy, "tau", xp)
+    elif policy.confidence == "learned":  # PCEE-BERT-v2
+        confident = _holds(predicted_error, lte, False, policy, "tau", xp)
     else:
         confident = _holds(normalized_entropy, z, False, policy, "tau", xp)
     count = xp.where(confident, state["count"] + 1, 0)
     return {"count": count}, count >= policy["patience"]  # first True is at count == patience
 
 
-def _pabee(policy, state, z, layer, xp):
+def _pabee(policy, state, z, lte, layer, xp):
     pred = prediction(z, xp)
     if policy.num_labels == 1:
         # float64 difference of two float32 outputs: exact, the same in every mode
@@ -353,25 +386,34 @@ def _pabee(policy, state, z, layer, xp):
     return {"count": count, "prev": pred}, count >= policy["patience"]
 
 
-def _static(policy, state, z, layer, xp):
+def _static(policy, state, z, lte, layer, xp):
     return state, xp.zeros(z.shape[0], bool) | (layer >= policy["k"])
 
 
-_STEPS = {"entropy": _entropy, "pcee": _pcee, "maxprob": _maxprob, "pabee": _pabee, "static": _static}
+def _berxit(policy, state, z, lte, layer, xp):
+    return state, _holds(predicted_error, lte, False, policy, "t", xp)
 
 
-def step(policy: Policy, state: State, logits, layer, xp=np) -> tuple[State, Any]:
-    """Advance the policy by one layer: `logits [B, C]` is ramp `layer`'s output (1-based).
+_STEPS = {"entropy": _entropy, "pcee": _pcee, "maxprob": _maxprob, "pabee": _pabee, "static": _static,
+          "berxit": _berxit}
+
+
+def step(policy: Policy, state: State, outputs, layer, xp=np) -> tuple[State, Any]:
+    """Advance the policy by one layer: `outputs` is ramp `layer`'s output (1-based): logits
+    `[B, C]`, or `RampOutputs(logits, lte)` on a model with a learning-to-exit module.
 
     Returns `(new state, exits [B] bool)`. `exits` is False everywhere at layer `L`. Pass
     `xp=jax.numpy` to trace it (`layer` may then be a traced integer).
     """
+    logits, lte = split_outputs(outputs)
     logits = xp.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] != policy.num_labels:
         raise ValueError(f"step takes one layer's logits [B, {policy.num_labels}], got shape {logits.shape}")
     if isinstance(layer, numbers.Integral) and not 1 <= layer <= policy.num_layers:
         raise ValueError(f"layer must be in 1..{policy.num_layers}, got {layer}")
-    new, exits = _STEPS[policy.name](policy, state, logits, layer, xp)
+    if policy.needs_lte and lte is None:
+        raise ValueError(NEEDS_LTE.format(policy=policy.label))
+    new, exits = _STEPS[policy.name](policy, state, logits, lte, layer, xp)
     if policy.ensemble:
         new = {**new, "ens": state["ens"] + ensemble_term(logits, xp)}
     return new, exits & (layer < policy.num_layers)
@@ -386,12 +428,16 @@ def ensemble_term(logits, xp=np):
         return xp.exp(log_softmax(logits, xp)).astype(xp.float32)
 
 
-def output(policy: Policy, state: State, logits, layer, xp=np):
+NEEDS_LTE = ("policy {policy} reads a learning-to-exit module, which this model does not have; train one "
+             "with train/finetune.py --lte (or --lte-from <finished run>)")
+
+
+def output(policy: Policy, state: State, outputs, layer, xp=np):
     """What a row exiting at `layer` (after `step` at that layer) is predicted from, `[B, C]`:
     ramp `layer`'s logits, or with the ensemble the mean of ramps 1..layer's probabilities
     (regression: outputs). `prediction` of it is the row's prediction."""
     if not policy.ensemble:
-        return logits
+        return split_outputs(outputs)[0]
     return state["ens"] / xp.asarray(layer, xp.float32)
 
 
@@ -402,38 +448,43 @@ def first_exit(exit_layer, exits, layer, xp=np):
 
 # ---- stepping a whole [L, N, C] array of ramp logits ---------------------------------------------
 def _check_logits(policy: Policy, logits) -> tuple[int, int]:
-    L, N, C = logits.shape
+    L, N, C = np.shape(logits)
     if (L, C) != (policy.num_layers, policy.num_labels):
         raise ValueError(f"logits [L, N, C] = {logits.shape} do not match {policy} for "
                          f"L={policy.num_layers}, C={policy.num_labels}")
     return L, N
 
 
-def simulate(policy: Policy, logits) -> tuple[np.ndarray, np.ndarray]:
-    """Step the policy on the host over cached logits `[L, N, C]`, layer by layer.
+def simulate(policy: Policy, outputs) -> tuple[np.ndarray, np.ndarray]:
+    """Step the policy on the host over cached logits `[L, N, C]` (or `RampOutputs` with the LTE's
+    `[L, N]`), layer by layer.
 
     Returns `(exit_layer [N], prediction [N])`, exit layers 1-based, the prediction from ramp
     `exit_layer` (with the ensemble: from ramps 1..exit_layer). The reference the offline closed
     form is tested against.
     """
+    logits, lte = split_outputs(outputs)
     logits = np.asarray(logits)
     L, N = _check_logits(policy, logits)
     state, exit_layer = init_state(policy, N), np.zeros(N, np.int64)
     chosen = np.zeros((N, policy.num_labels), np.float32)
     for layer in range(1, L + 1):
-        state, exits = step(policy, state, logits[layer - 1], layer)
+        z = logits[layer - 1] if lte is None else RampOutputs(logits[layer - 1], np.asarray(lte)[layer - 1])
+        state, exits = step(policy, state, z, layer)
         exit_layer = first_exit(exit_layer, exits | (layer == L), layer)
-        chosen = np.where((exit_layer == layer)[:, None], output(policy, state, logits[layer - 1], layer), chosen)
+        chosen = np.where((exit_layer == layer)[:, None], output(policy, state, z, layer), chosen)
     return exit_layer, prediction(chosen)
 
 
-def scan_exits(policy: Policy, logits) -> tuple[jax.Array, jax.Array]:
+def scan_exits(policy: Policy, outputs) -> tuple[jax.Array, jax.Array]:
     """`simulate` on the device: `lax.scan` of `step` over layers; jittable, policy may be traced.
 
     Returns `(exit_layer [N] int32, prediction [N])`.
     """
+    logits, lte = split_outputs(outputs)
     L, N = _check_logits(policy, logits)
     logits = jnp.asarray(logits)
+    outputs = logits if lte is None else RampOutputs(logits, jnp.asarray(lte))
 
     def body(carry, xs):
         state, exit_layer, chosen = carry
@@ -444,5 +495,5 @@ def scan_exits(policy: Policy, logits) -> tuple[jax.Array, jax.Array]:
         return (state, exit_layer, chosen), None
 
     carry = (init_state(policy, N, jnp), jnp.zeros(N, jnp.int32), jnp.zeros(logits.shape[1:], jnp.float32))
-    (_, exit_layer, chosen), _ = lax.scan(body, carry, (logits, jnp.arange(1, L + 1, dtype=jnp.int32)))
+    (_, exit_layer, chosen), _ = lax.scan(body, carry, (outputs, jnp.arange(1, L + 1, dtype=jnp.int32)))
     return exit_layer, prediction(chosen, jnp)

@@ -30,6 +30,7 @@ from jax import lax
 
 from jaxexit import modeling, policies
 from jaxexit.api import EarlyExitModel
+from jaxexit.modeling import RampOutputs
 from jaxexit.batches import EncodedSplit
 from jaxexit.policies import Policy
 
@@ -57,6 +58,13 @@ def _check(policy: Policy, model: EarlyExitModel) -> None:
     if (policy.num_layers, policy.num_labels) != (model.num_layers, model.config.num_labels):
         raise ValueError(f"{policy} is set for L={policy.num_layers}, C={policy.num_labels}; the model has "
                          f"L={model.num_layers}, C={model.config.num_labels}")
+    if policy.needs_lte and not model.config.lte:
+        raise ValueError(policies.NEEDS_LTE.format(policy=policy.label))
+
+
+def _host(z):
+    """A ramp output (logits, or `RampOutputs` with the LTE's) fetched to the host."""
+    return jax.tree_util.tree_map(np.asarray, z)
 
 
 # ---- latency: batch 1, host decisions -----------------------------------------------------------
@@ -64,7 +72,7 @@ def exit_one(model: EarlyExitModel, policy: Policy, batch: dict) -> tuple[int, n
     """One input (`batch` of one row): returns (exit layer, that ramp's logits [C])."""
     state = policies.init_state(policy, 1)
     for layer, z in enumerate(model.ramp_steps(batch), start=1):
-        z = np.asarray(z)  # the host waits for ramp `layer` and decides before the next dispatch
+        z = _host(z)  # the host waits for ramp `layer` and decides before the next dispatch
         state, exits = policies.step(policy, state, z, layer)
         if exits[0] or layer == model.num_layers:
             return layer, policies.output(policy, state, z, layer)[0]
@@ -131,7 +139,7 @@ def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int) ->
     steps = model.ramp_steps(batch)
     z = next(steps)
     for layer in range(1, model.num_layers + 1):  # every row has exited after layer L: the loop breaks
-        z = np.asarray(z)
+        z = _host(z)
         state, exits = policies.step(policy, state, z, layer)
         if layer == model.num_layers:
             exits = np.ones_like(exits)
@@ -229,7 +237,7 @@ def device_exits(cfg, params, layers, ramps, batch, policy: Policy, first_token:
         layer, _, _, exit_layer, _ = loop
         return (layer < L) & jnp.any(exit_layer == 0)
 
-    size = z.shape[0]
+    size = batch["input_ids"].shape[0]
     state, exit_layer, chosen = decide(jnp.int32(1), z, policies.init_state(policy, size, jnp),
                                        jnp.zeros(size, jnp.int32), jnp.zeros((size, cfg.num_labels), jnp.float32))
     _, _, _, exit_layer, chosen = lax.while_loop(cond, body, (jnp.int32(1), carry, state, exit_layer, chosen))
@@ -253,10 +261,15 @@ def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, ba
 
 
 # ---- offline: every ramp's logits, once -----------------------------------------------------------
-def cached_logits(model: EarlyExitModel, split: EncodedSplit, batch_size: int = 64) -> np.ndarray:
-    """Every ramp's logits `[L, N, C]` through the same jitted early-exit steps the live runners use."""
+def cached_logits(model: EarlyExitModel, split: EncodedSplit, batch_size: int = 64):
+    """Every ramp's logits `[L, N, C]` through the same jitted early-exit steps the live runners use;
+    on a model with a learning-to-exit module `RampOutputs(logits, lte [L, N])`."""
     out = np.zeros((model.num_layers, len(split), model.config.num_labels), np.float32)
+    lte = np.zeros((model.num_layers, len(split)), np.float32) if model.config.lte else None
     for rows, batch in _chunks(model, split, batch_size):
         for layer, z in enumerate(model.ramp_steps(batch)):
-            out[layer, rows] = np.asarray(z)[: len(rows)]
-    return out
+            logits, u = policies.split_outputs(_host(z))
+            out[layer, rows] = logits[: len(rows)]
+            if lte is not None:
+                lte[layer, rows] = u[: len(rows)]
+    return out if lte is None else RampOutputs(out, lte)

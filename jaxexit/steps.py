@@ -4,7 +4,10 @@
 1..L-1 on sum_{i<L} L_i with gradients taken with respect to the ramp subtree only (the backbone
 runs forward, without a backward pass, and layer L is not run at all). `joint` (PABEE / PCEE):
 everything trains on sum_i i * L_i / sum_i i. `alternate` (BERxiT, stage 3): everything trains,
-on L_L at even steps and on sum_i L_i (every ramp, the last included) at odd steps.
+on L_L at even steps and on sum_i L_i (every ramp, the last included) at odd steps. Stage 4
+(BERxiT's learning to exit) trains the LTE module alone, on the frozen model's ramps: it predicts
+each ramp's error, target 1 - exp(-e_i) (DESIGN.md), loss the mean squared difference over ramps;
+gradients are taken with respect to the LTE subtree only.
 """
 
 from __future__ import annotations
@@ -74,6 +77,34 @@ def stage2_loss(cfg: EncoderConfig, ramps, features, batch, rng):
     return losses.sum(), losses
 
 
+def lte_targets(logits: jax.Array, labels: jax.Array, regression: bool) -> jax.Array:
+    """BERxiT's target for the LTE at each ramp `[K, B]`: 1 - exp(-e), e = 0.99 - 0.98 [correct]
+    (classification) or the squared error (regression)."""
+    if regression:
+        e = jnp.square(logits[..., 0] - labels.astype(jnp.float32))
+    else:
+        e = 0.99 - 0.98 * (jnp.argmax(logits, -1) == labels.astype(jnp.int32)[None]).astype(jnp.float32)
+    return 1.0 - jnp.exp(-e)
+
+
+def lte_loss(cfg: EncoderConfig, lte, pooled, targets, weights):
+    """Mean squared difference between sigmoid(LTE) and the targets: per ramp `[K]` and their mean."""
+    u = jax.nn.sigmoid(modeling.LearnedExit(cfg).apply({"params": lte}, pooled))
+    per_ramp = (jnp.square(u - targets) * weights).sum(-1) / jnp.maximum(weights.sum(), 1.0)
+    return per_ramp.mean(), per_ramp
+
+
+def lte_inputs(cfg: EncoderConfig, params, batch):
+    """The frozen model's ramp logits `[L, B, C]` and pooled outputs `[L, B, H]` (eval mode: the
+    LTE learns the errors the ramps make at inference), as constants."""
+    module = modeling.MultiExitEncoder(cfg)
+    frozen = {"backbone": params["backbone"], "ramps": params["ramps"]}
+    hidden = module.apply({"params": frozen}, *_inputs(batch), method="encode")
+    features = modeling.ramp_input(cfg, hidden[1:], modeling.attention_bias(batch["attention_mask"]))
+    logits, pooled = module.apply({"params": frozen}, features, method=lambda m, f: m.ramps(f, True, return_pooled=True))
+    return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(pooled)
+
+
 def train_step(cfg: EncoderConfig, stage: int, tx: optax.GradientTransformation, labels, state, batch, rng):
     """One optimiser step. `state` is `{"params", "opt_state", "step"}`; returns (state, metrics)."""
     params = state["params"]
@@ -89,7 +120,13 @@ def train_step(cfg: EncoderConfig, stage: int, tx: optax.GradientTransformation,
         (loss, losses), ramp_grads = jax.value_and_grad(
             functools.partial(stage2_loss, cfg), has_aux=True
         )(params["ramps"], features, batch, rng_ramps)
-        grads = {"backbone": jax.tree_util.tree_map(jnp.zeros_like, params["backbone"]), "ramps": ramp_grads}
+        grads = {**_zeros_except(params, "ramps"), "ramps": ramp_grads}
+    elif stage == 4:
+        logits, pooled = lte_inputs(cfg, params, batch)
+        targets = lte_targets(logits, batch["label"], cfg.is_regression)
+        (loss, losses), lte_grads = jax.value_and_grad(functools.partial(lte_loss, cfg), has_aux=True)(
+            params["lte"], pooled, targets, batch["weight"])
+        grads = {**_zeros_except(params, "lte"), "lte": lte_grads}
     else:
         (loss, losses), grads = jax.value_and_grad(
             functools.partial(stage_loss, cfg, stage), has_aux=True
@@ -98,6 +135,17 @@ def train_step(cfg: EncoderConfig, stage: int, tx: optax.GradientTransformation,
     new_state = {"params": optim.apply_updates(params, updates, labels), "opt_state": opt_state,
                  "step": state["step"] + 1}
     return new_state, {"loss": loss, "ramp_losses": losses}
+
+
+def _zeros_except(params, key: str) -> dict:
+    """Zero gradients for every top-level subtree but `key` (frozen: the partition ignores them)."""
+    return {k: jax.tree_util.tree_map(jnp.zeros_like, v) for k, v in params.items() if k != key}
+
+
+def eval_lte(cfg: EncoderConfig, params, batch):
+    """The learning-to-exit module's predicted errors `[L, B]` (after the sigmoid) in eval mode."""
+    _, pooled = lte_inputs(cfg, params, batch)
+    return jax.nn.sigmoid(modeling.LearnedExit(cfg).apply({"params": params["lte"]}, pooled))
 
 
 def eval_logits(cfg: EncoderConfig, params, batch):

@@ -42,6 +42,12 @@ class TrainConfig(DictConfig):
     stage2_epochs: float | None = _field(None, "epochs of stage 2 (default: --epochs)")
     stage1_from: str | None = _field(None, "two_stage: a finished run whose backbone and final ramp stage 2 "
                                            "starts from (stage 1 skipped, ramps 1..L-1 fresh)")
+    lte: bool = _field(False, "after fine-tuning, train BERxiT's learning-to-exit module in a stage of its own "
+                               "(backbone and ramps frozen)")
+    lte_from: str | None = _field(None, "a finished run: train only its learning-to-exit module, on its backbone and "
+                                        "ramps, into a new run (implies --lte; scheme and ramp settings from that run)")
+    lte_lr: float = _field(2e-4, "peak learning rate of the LTE stage (castorini/berxit: 2e-4)")
+    lte_epochs: float = _field(1.0, "epochs of the LTE stage (castorini/berxit: 1)")
     max_steps: int = _field(0, "stop each stage after this many steps (0: no limit; smoke tests)")
     warmup_ratio: float = _field(0.1, "linear warm-up over this fraction of a stage's steps, then linear decay")
     weight_decay: float = _field(0.01, "AdamW decoupled weight decay (never on biases or LayerNorm)")
@@ -68,6 +74,8 @@ class TrainConfig(DictConfig):
             (self.lr > 0 and (self.stage2_lr is None or self.stage2_lr > 0), "learning rates must be > 0"),
             (self.epochs > 0 and (self.stage2_epochs is None or self.stage2_epochs > 0), "epochs must be > 0"),
             (self.stage1_from is None or self.scheme == "two_stage", "stage1_from needs scheme two_stage"),
+            (self.stage1_from is None or self.lte_from is None, "give stage1_from or lte_from, not both"),
+            (self.lte_lr > 0 and self.lte_epochs > 0, "lte_lr and lte_epochs must be > 0"),
             (self.max_steps >= 0, "max_steps must be >= 0"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0"),
@@ -84,17 +92,30 @@ class TrainConfig(DictConfig):
 
     @property
     def stages(self) -> tuple[int, ...]:
-        """1 and 2 for DeeBERT's scheme; 0 stands for the single joint stage, 3 for the alternating one."""
+        """1 and 2 for DeeBERT's scheme; 0 stands for the single joint stage, 3 for the alternating one;
+        4 is the learning-to-exit stage that follows any of them (alone with lte_from)."""
+        if self.lte_from:
+            return (4,)
         if self.scheme == "joint":
-            return (0,)
-        if self.scheme == "alternate":
-            return (3,)
-        return (2,) if self.stage1_from else (1, 2)
+            stages = (0,)
+        elif self.scheme == "alternate":
+            stages = (3,)
+        else:
+            stages = (2,) if self.stage1_from else (1, 2)
+        return stages + (4,) if self.lte else stages
+
+    @property
+    def uses_lte(self) -> bool:
+        return self.lte or self.lte_from is not None
 
     def stage_lr(self, stage: int) -> float:
+        if stage == 4:
+            return self.lte_lr
         return self.stage2_lr if stage == 2 and self.stage2_lr is not None else self.lr
 
     def stage_epochs(self, stage: int) -> float:
+        if stage == 4:
+            return self.lte_epochs
         return self.stage2_epochs if stage == 2 and self.stage2_epochs is not None else self.epochs
 
 

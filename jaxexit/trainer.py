@@ -18,23 +18,27 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxexit import batches, console, glue, metrics, optim, parallel, steps
-from jaxexit.api import EarlyExitModel
+from jaxexit.api import EarlyExitModel, init_lte
 from jaxexit.checkpoint import RunDir, timestamp, write_text
 from jaxexit.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
-STAGE_NAMES = {0: "joint", 1: "stage 1", 2: "stage 2", 3: "alternate"}
+STAGE_NAMES = {0: "joint", 1: "stage 1", 2: "stage 2", 3: "alternate", 4: "learning to exit"}
 
 
 # ---- evaluation --------------------------------------------------------------------------------
-def ramp_logits_for_split(model_cfg, params, tokenizer, split: batches.EncodedSplit, batch_size: int, mesh):
-    """Every ramp's logits `[L, N, C]` over a split, in the split's order (eval mode)."""
-    fn = jax.jit(functools.partial(steps.eval_logits, model_cfg))
-    out = np.zeros((model_cfg.num_hidden_layers, len(split), model_cfg.num_labels), np.float32)
+def ramp_logits_for_split(model_cfg, params, tokenizer, split: batches.EncodedSplit, batch_size: int, mesh,
+                          step=steps.eval_logits):
+    """Every ramp's logits `[L, N, C]` over a split, in the split's order (eval mode); with
+    `step=steps.eval_lte`, the learning-to-exit module's predicted errors `[L, N]`."""
+    fn = jax.jit(functools.partial(step, model_cfg))
+    out = None
     for positions, batch in batches.eval_batches(tokenizer, split, batch_size):
         inputs = parallel.shard_batch({k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}, mesh)
-        logits = multihost_utils.process_allgather(fn(params, inputs), tiled=True)
-        out[:, positions] = np.asarray(logits)[:, : len(positions)]
+        values = np.asarray(multihost_utils.process_allgather(fn(params, inputs), tiled=True))
+        if out is None:
+            out = np.zeros((values.shape[0], len(split), *values.shape[2:]), np.float32)
+        out[:, positions] = values[:, : len(positions)]
     return out
 
 
@@ -88,8 +92,12 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     parallel.check_batch_size(cfg.eval_batch_size, mesh)
 
     # Model and tokenizer.
-    model = EarlyExitModel.from_pretrained(cfg.model, num_labels=task.num_labels, ramp_pooler=cfg.pooler,
-                                           ramp_input=cfg.ramp_input, max_length=cfg.max_length, seed=cfg.seed)
+    if cfg.lte_from:
+        model, cfg = _lte_source(cfg, task)
+    else:
+        model = EarlyExitModel.from_pretrained(cfg.model, num_labels=task.num_labels, ramp_pooler=cfg.pooler,
+                                               ramp_input=cfg.ramp_input, max_length=cfg.max_length, seed=cfg.seed,
+                                               lte=cfg.uses_lte)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer files; fine-tuning needs them")
     mcfg, tokenizer = model.config, model.tokenizer
@@ -100,7 +108,7 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
         return _limit(glue.load_examples(task, split, cfg.data_dir, skip_bad_rows=cfg.skip_bad_rows), limit)
 
     train_split = batches.encode_examples(tokenizer, task, examples("train", cfg.max_train_examples))
-    if task.is_regression:  # fresh regression ramps start at the labels' mean (DESIGN.md, The model)
+    if task.is_regression and not cfg.lte_from:  # fresh regression ramps start at the labels' mean (DESIGN.md)
         fresh = range(mcfg.num_hidden_layers - 1) if cfg.stage1_from else range(mcfg.num_hidden_layers)
         start = ramps_at_label_mean(start, fresh, float(np.mean(train_split.labels)))
     devs = {s: batches.encode_examples(tokenizer, task, examples(s, cfg.max_eval_examples)) for s in task.dev_splits}
@@ -143,6 +151,8 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     }
     if cfg.stage1_from:
         summary["stage1_from"] = cfg.stage1_from
+    if cfg.lte_from:
+        summary["lte_from"] = cfg.lte_from
     run.save_model(params, summary)
     return run
 
@@ -229,6 +239,24 @@ def ramps_at_label_mean(params: dict, ramps, mean: float) -> dict:
     return out
 
 
+def _lte_source(cfg: TrainConfig, task: glue.Task) -> tuple[EarlyExitModel, TrainConfig]:
+    """A finished run's model with a fresh learning-to-exit module, and `cfg` with the run's scheme,
+    ramp settings, model and max length (the LTE stage trains on exactly that model)."""
+    source = EarlyExitModel.from_run(cfg.lte_from)
+    saved = RunDir(cfg.lte_from).train_config()
+    if saved.get("task") != task.name:
+        raise ValueError(f"lte_from {cfg.lte_from} was trained on {saved.get('task')}, not {task.name}")
+    if source.config.lte:
+        raise ValueError(f"lte_from {cfg.lte_from} already has a learning-to-exit module")
+    config = dataclasses.replace(source.config, lte=True)
+    params = {**source.params, "lte": init_lte(config, jax.random.PRNGKey(cfg.seed))}
+    inherited = {k: saved[k] for k in ("scheme", "ramp_pooler", "ramp_input", "model", "max_length") if k in saved}
+    changed = {k: v for k, v in inherited.items() if getattr(cfg, k) != v}
+    if changed:
+        log.info("lte_from: %s", ", ".join(f"{k}={v} (from the run)" for k, v in changed.items()))
+    return EarlyExitModel(config, params, source.tokenizer, source=cfg.lte_from), dataclasses.replace(cfg, **inherited)
+
+
 def _stage1_params(cfg: TrainConfig, task: glue.Task, fresh: EarlyExitModel) -> dict:
     """Stage 2's starting point from a finished run: its backbone and ramp L, fresh ramps 1..L-1.
 
@@ -252,11 +280,22 @@ def _stage1_params(cfg: TrainConfig, task: glue.Task, fresh: EarlyExitModel) -> 
 
 def _evaluate(job: _Job, params, stage, step, global_step, epoch):
     scores = {}
+    lte = {}
     for split, data in job.devs.items():
         logits = ramp_logits_for_split(job.mcfg, params, job.tokenizer, data, job.cfg.eval_batch_size, job.mesh)
         scores[split] = layer_scores(job.task, logits, data.labels)
-    job.run.log({"kind": "eval", "stage": stage, "step": step, "global_step": global_step, "epoch": epoch,
-                 "per_layer": scores})
+        if stage == 4:  # how well the LTE predicts each ramp's error: mean squared difference, per ramp
+            u = ramp_logits_for_split(job.mcfg, params, job.tokenizer, data, job.cfg.eval_batch_size, job.mesh,
+                                      step=steps.eval_lte)
+            target = np.asarray(steps.lte_targets(logits, data.labels, job.task.is_regression))
+            lte[split] = np.mean(np.square(u - target), axis=1).round(5).tolist()
+    record = {"kind": "eval", "stage": stage, "step": step, "global_step": global_step, "epoch": epoch,
+              "per_layer": scores}
+    if lte:
+        record["lte_mse"] = lte
+        print(f"\n{job.task.tsv_dir} dev, learning to exit: mean squared error of the predicted ramp errors, "
+              f"ramps 1..L: {lte}", flush=True)
+    job.run.log(record)
     if job.run.writer:
         write_text(job.run.path / "layers.csv", layer_table(job.task, scores))
         print(f"\n{job.task.tsv_dir} dev, {STAGE_NAMES[stage]}, epoch {epoch} (per ramp):\n"

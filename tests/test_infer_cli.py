@@ -63,7 +63,7 @@ def test_sweep_writes_csv_and_png(trained_minilm_run, tmp_path):
     assert result["settings"] >= 500
     with open(result["sweep_csv"]) as f:
         rows = list(csv.DictReader(f))
-    assert {r["policy"] for r in rows} == set(policies.POLICIES)
+    assert {r["policy"] for r in rows} == set(policies.POLICIES) - {"berxit"}  # no LTE in this checkpoint
     png = open(result["sweep_png"], "rb").read(8)
     assert png.startswith(b"\x89PNG")
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxexit import offline as O
+from jaxexit.modeling import RampOutputs
 from jaxexit import policies as P
 from jaxexit.policies import make_policy
 
@@ -133,7 +134,9 @@ def test_default_sweep_covers_applicable_policies_and_regression():
     assert {r["policy"] for r in rows} == {"pabee", "static"}
     full = [r for r in rows if r["policy"] == "static" and r["params"] == {"k": 6}][0]
     assert full["score"] == pytest.approx(pearson(logits[-1, :, 0], labels))
-    assert {r["policy"] for r in O.sweep(tied_logits(6, 10, 2, 0))} == set(P.POLICIES)
+    assert {r["policy"] for r in O.sweep(tied_logits(6, 10, 2, 0))} == set(P.POLICIES) - {"berxit"}
+    with_lte = RampOutputs(tied_logits(6, 10, 2, 0), tied_logits(6, 10, 1, 1)[..., 0])  # berxit needs an LTE
+    assert {r["policy"] for r in O.sweep(with_lte)} == set(P.POLICIES)
 
 
 def test_sweep_of_500_settings_on_sst2_sized_split_runs():

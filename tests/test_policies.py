@@ -119,6 +119,47 @@ def test_policy_labels_name_the_variants():
             make_policy(bad, 6, 2, patience=2, tau=0.5)
 
 
+def test_berxit_and_pcee_learned_read_the_lte_output():
+    from jaxexit.modeling import RampOutputs
+
+    logits = one_row(UNSURE, UNSURE, UNSURE, UNSURE, UNSURE)  # nothing confident by the softmax
+    a = np.asarray([[2.0], [-1.0], [-3.0], [-3.0], [2.0]], np.float32)  # u = sigmoid(a): .88 .27 .047 .047 .88
+    z = RampOutputs(logits, a)
+    assert P.simulate(make_policy("berxit", 5, 2, t=0.3), z)[0].tolist() == [2]
+    assert P.simulate(make_policy("berxit", 5, 2, t=0.05), z)[0].tolist() == [3]
+    assert P.simulate(make_policy("pcee[learned]", 5, 2, patience=2, tau=0.3), z)[0].tolist() == [3]
+    assert P.simulate(make_policy("pcee[learned]", 5, 2, patience=2, tau=0.05), z)[0].tolist() == [4]
+    for t, want in [(0.0, 5), (1.0, 1)]:  # the range ends: never, always
+        assert P.simulate(make_policy("berxit", 5, 2, t=t), z)[0].tolist() == [want]
+    huge = RampOutputs(logits, np.asarray([[-900.0], [900.0], [0.0], [0.0], [0.0]], np.float32))
+    assert P.simulate(make_policy("berxit", 5, 2, t=1.0), huge)[0].tolist() == [1]  # u(-900) is inside (0, 1)
+    assert P.simulate(make_policy("berxit", 5, 2, t=0.0), huge)[0].tolist() == [5]
+    u = P.predicted_error(np.asarray([-900.0, 0.0, 900.0], np.float32))
+    assert 0.0 < u[0] and u[1] == 0.5 and u[2] < 1.0
+    assert P.simulate(make_policy("pcee[learned]", 3, 1, patience=1, tau=0.5),  # regression: allowed
+                      RampOutputs(np.zeros((3, 1, 1), np.float32), np.asarray([[1.0], [-1.0], [0.0]], np.float32)))[0] == [2]
+    with pytest.raises(ValueError, match="learning-to-exit"):
+        P.simulate(make_policy("berxit", 5, 2, t=0.3), logits)
+    from jaxexit import offline
+    with pytest.raises(ValueError, match="learning-to-exit"):
+        offline.evaluate(make_policy("pcee[learned]", 5, 2, patience=2, tau=0.3), logits)
+
+
+@pytest.mark.parametrize("label, params", [("berxit", dict(t=0.3)), ("pcee[learned]", dict(patience=2, tau=0.4)),
+                                           ("berxit+ensemble", dict(t=0.5)), ("berxit", dict(t=0.0))])
+def test_learned_policies_on_the_device_equal_the_host(label, params):
+    from jaxexit.modeling import RampOutputs
+
+    z = RampOutputs(random_logits(), (np.random.default_rng(5).normal(size=(6, 200)) * 2).astype(np.float32))
+    policy = make_policy(label, 6, 3, **params)
+    exit_layer, pred = jax.jit(P.scan_exits)(policy, z)
+    want_layer, want_pred = P.simulate(policy, z)
+    np.testing.assert_array_equal(np.asarray(exit_layer), want_layer)
+    np.testing.assert_array_equal(np.asarray(pred), want_pred)
+    from jaxexit import offline
+    np.testing.assert_array_equal(offline.exit_layers(policy, z), want_layer)
+
+
 def test_maxprob_exits_strictly_above_t():
     z = one_row(UNSURE, [0.0, 2.0], SURE, SURE)
     p2 = float(P.max_prob(z[1, 0]))  # ~0.881
