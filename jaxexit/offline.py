@@ -359,8 +359,11 @@ class Calibration:
     chosen: dict = dataclasses.field(default_factory=dict)
 
 
+SAVING_BAND = 0.05  # near_saving: settings within this much saving of the target compete on score
+
+
 def calibrate(name: str, outputs, labels, metric: Metric, *, target_saving: float | None = None,
-              max_drop: float | None = None, grid: Sequence[Mapping] | None = None,
+              max_drop: float | None = None, near_saving: float | None = None, grid: Sequence[Mapping] | None = None,
               fixed: Mapping | None = None, heldout: tuple | None = None) -> Calibration:
     """Choose policy `name`'s setting on a calibration split; report it on `heldout=(logits, labels)`.
 
@@ -370,13 +373,17 @@ def calibrate(name: str, outputs, labels, metric: Metric, *, target_saving: floa
       (ties: higher saving, then earlier in the grid);
     * `max_drop`: the setting with the largest `saving` whose score drop below the full model,
       `full_score - score`, is at most `max_drop` in the metric's units (ties: higher score, then
-      earlier in the grid).
+      earlier in the grid);
+    * `near_saving`: the highest-scoring setting whose saving is within `SAVING_BAND` of
+      `near_saving` (policies compared at about the same speed-up, as PCEE-BERT compares them at
+      PABEE's; ties: nearer saving, then earlier in the grid); if none is, the setting nearest it.
     Comparisons allow 1e-9 of float slack. Raises ValueError if no grid setting qualifies.
     """
-    if (target_saving is None) == (max_drop is None):
-        raise ValueError("give exactly one of target_saving and max_drop")
-    if target_saving is not None and not 0.0 <= target_saving < 1.0:
-        raise ValueError(f"target_saving must be in [0, 1), got {target_saving}")
+    if sum(rule is not None for rule in (target_saving, max_drop, near_saving)) != 1:
+        raise ValueError("give exactly one of target_saving, max_drop and near_saving")
+    for key, value in (("target_saving", target_saving), ("near_saving", near_saving)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ValueError(f"{key} must be in [0, 1), got {value}")
     if max_drop is not None and not max_drop >= 0.0:
         raise ValueError(f"max_drop must be >= 0, got {max_drop}")
     if metric is None or labels is None:
@@ -389,7 +396,17 @@ def calibrate(name: str, outputs, labels, metric: Metric, *, target_saving: floa
         raise ValueError("give a grid or fixed parameters, not both")
     full = full_score(outputs, labels, metric)
     rows = [_with_drop(r, full) for r in sweep(outputs, labels, metric, {name: grid})]
-    if target_saving is not None:
+    if near_saving is not None:
+        gap = [abs(r["saving"] - near_saving) for r in rows]
+        ok = [i for i in range(len(rows)) if gap[i] <= SAVING_BAND + _TOL]
+        rule = f"max score s.t. |saving - {near_saving}| <= {SAVING_BAND}"
+        if not ok:
+            ok, rule = list(range(len(rows))), f"saving nearest {near_saving} (none within {SAVING_BAND})"
+            key = lambda i: (-gap[i], rows[i]["score"], -i)  # noqa: E731
+        else:
+            key = lambda i: (rows[i]["score"], -gap[i], -i)  # noqa: E731
+        why = ""
+    elif target_saving is not None:
         rule = f"max score s.t. saving >= {target_saving}"
         ok = [i for i, r in enumerate(rows) if r["saving"] >= target_saving - _TOL]
         key = lambda i: (rows[i]["score"], rows[i]["saving"], -i)  # noqa: E731

@@ -39,9 +39,12 @@ analyze() {
   fi
   python infer/analyze.py "runs/$1" --out "results/analysis/$1"
 }
-run() {  # task dir, preset, scheme, epochs, seed
+run() {  # task dir, preset, scheme, epochs, seed, then more finetune.py arguments
   local name="$2-$3"; [ "$5" != 42 ] && name="$name-s$5"
-  train "$name" --config "$2" --data-dir "$G/$1" --scheme "$3" --epochs "$4" --seed "$5" && analyze "$name"
+  train "$name" --config "$2" --data-dir "$G/$1" --scheme "$3" --epochs "$4" --seed "$5" "${@:6}" && analyze "$name"
+}
+lte() {  # task dir, preset, finished run: BERxiT's learning-to-exit stage on it (1 epoch, lr 2e-4)
+  train "$3-lte" --config "$2" --data-dir "$G/$1" --lte-from "runs/$3" && analyze "$3-lte"
 }
 block() {
   case "$1" in
@@ -53,6 +56,8 @@ block() {
     mrpc-two_stage) run MRPC mrpc two_stage 3 42 ;;
     cola-joint) for seed in 42 43 44; do run CoLA cola joint 3 $seed; done ;;
     cola-two_stage) run CoLA cola two_stage 3 42 ;;
+    lte) lte SST-2 sst2 sst2-joint; lte MRPC mrpc mrpc-joint; lte CoLA cola cola-joint ;;
+    sst2-alternate) run SST-2 sst2 alternate 1 42 --lte ;;  # BERxiT's own recipe: alternating, then the LTE
     sst2) block sst2-joint; block sst2-two_stage ;;
     stsb) block stsb-joint; block stsb-two_stage ;;
     mrpc) block mrpc-joint; block mrpc-two_stage ;;
@@ -61,7 +66,8 @@ block() {
     *) echo "unknown block $1"; return 2 ;;
   esac
 }
-# The done-when runs first (SST-2 and STS-B joint, the seeds), then the two-stage runs.
-for b in "${@:-sst2-joint stsb-joint mrpc-joint cola-joint sst2-two_stage mrpc-two_stage cola-two_stage stsb-two_stage tables}"; do
+# The results issue's runs first (SST-2 and STS-B joint, the seeds, the two-stage runs), then
+# BERxiT's (learning to exit on the joint runs; the alternating scheme).
+for b in "${@:-sst2-joint stsb-joint mrpc-joint cola-joint sst2-two_stage mrpc-two_stage cola-two_stage stsb-two_stage lte sst2-alternate tables}"; do
   for x in $b; do echo "== $x $(date -u +%H:%M)"; block "$x"; done
 done

@@ -36,7 +36,7 @@ def test_analyze_writes_tables_figures_and_held_out_numbers(tiny_runs, capsys):
     out = root / "out1"
     result = analyze_cli.main([str(runs[1]), "--out", str(out), "--timing-inputs", "8"])
     for name in ("analysis.json", "tables.md", "logits.npy", "tradeoff.csv", "tradeoff.png", "per_layer.png",
-                 "exit_histograms.png", "wall_saving.png", "pcee_patience.png"):
+                 "exit_histograms.png", "wall_saving.png", "pcee_patience.png", "pcee_variants.png", "ensemble.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "analysis.json").read_text())
     assert json.dumps(result, indent=1) + "\n" == (out / "analysis.json").read_text()  # main() returns what it wrote
@@ -57,7 +57,8 @@ def test_analyze_writes_tables_figures_and_held_out_numbers(tiny_runs, capsys):
         assert report.score == pytest.approx(row["score"]) and report.saving == pytest.approx(row["saving"])
         cal = offline.evaluate(policy, logits[:, cal_rows], labels[cal_rows], analysis.metrics.accuracy)
         assert cal.saving == pytest.approx(row["calibration_saving"])
-        assert cal.saving >= row["target_saving"] - 1e-9
+        if row["rule"].startswith("max score"):  # else no setting was within the band: the nearest was taken
+            assert abs(cal.saving - row["near_saving"]) <= offline.SAVING_BAND + 1e-9
     assert [r["max_drop"] for r in saved["deebert"]] == list(analysis.DEEBERT_DROPS)
     assert {r["policy"] for r in saved["pcee"]} == {"entropy", "pcee", "maxprob", "pabee", "static"}
     assert saved["timing"]["inputs"] == 8 and saved["timing"]["settings"]

@@ -41,7 +41,7 @@ def test_every_run_flag_says_what_it_does(capsys):
     for action in parser._actions:
         assert action.help, action.option_strings
     text = _help(run_cli, capsys)
-    assert "{latency,batched,device,offline}" in text and "{entropy,pcee,maxprob,pabee,static}" in text
+    assert "{latency,batched,device,offline}" in text and "{entropy,pcee,maxprob,pabee,static,berxit}" in text and "{entropy,maxprob,learned}" in text
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -171,6 +171,9 @@ STATIC = [dict(k=k) for k in range(1, 5)]  # savings 0.75, 0.5, 0.25, 0
     (dict(max_drop=0.1), 2),         # drop 0.9 - 0.8 is 0.09999999999999998: counts as 0.1
     (dict(max_drop=0.05), 3),        # k = 3, 4 have no drop; k = 3 saves more
     (dict(max_drop=0.5), 1),
+    (dict(near_saving=0.3), 3),      # k = 3 (0.25) is within 0.05 of 0.3; k = 2 (0.5) is not
+    (dict(near_saving=0.5), 2),      # only k = 2 is within the band
+    (dict(near_saving=0.4), 2),      # none within 0.05: the nearest saving, 0.5 (k = 2)
 ])
 def test_calibration_picks_the_documented_setting(rule, k):
     logits, labels = staircase([5, 8, 9, 9])
@@ -209,6 +212,10 @@ def test_calibration_errors():
         O.calibrate("static", logits, labels, accuracy, max_drop=0.0, grid=[dict(k=1)])
     with pytest.raises(ValueError, match="target_saving must be"):
         O.calibrate("static", logits, labels, accuracy, target_saving=1.0)
+    with pytest.raises(ValueError, match="near_saving must be"):
+        O.calibrate("static", logits, labels, accuracy, near_saving=-0.1)
+    with pytest.raises(ValueError, match="exactly one"):
+        O.calibrate("static", logits, labels, accuracy, near_saving=0.3, max_drop=0.1)
     with pytest.raises(ValueError, match="max_drop must be"):
         O.calibrate("static", logits, labels, accuracy, max_drop=-0.1)
 
