@@ -304,15 +304,9 @@ class MultiExitEncoder(nn.Module):
                  output_hidden_states: bool = False):
         hidden = self.encode(input_ids, token_type_ids, attention_mask, deterministic)
         logits = self.classify(ramp_input(self.cfg, hidden[1:], attention_bias(attention_mask)), deterministic)
-        if self.cfg.lte and self.is_initializing():  # create its parameters; `learned_exit` runs it
+        if self.cfg.lte and self.is_initializing():  # create its parameters (`ramp_output` and stage 4 run it)
             self.lte(jnp.zeros((1, self.cfg.hidden_size), jnp.float32))
         return logits, (hidden if output_hidden_states else None)
-
-    def learned_exit(self, features):
-        """Every ramp's logits `[K, B, C]` and the LTE's output `[K, B]` on ramp inputs `[K, B, H]`
-        (eval mode: no dropout)."""
-        logits, pooled = self.ramps(features, True, return_pooled=True)
-        return logits, self.lte(pooled)
 
     def encode(self, input_ids, token_type_ids, attention_mask, deterministic: bool = True,
                num_layers: int | None = None):

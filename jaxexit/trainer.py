@@ -293,9 +293,10 @@ def _evaluate(job: _Job, params, stage, step, global_step, epoch):
               "per_layer": scores}
     if lte:
         record["lte_mse"] = lte
+    job.run.log(record)
+    if job.run.writer and lte:
         print(f"\n{job.task.tsv_dir} dev, learning to exit: mean squared error of the predicted ramp errors, "
               f"ramps 1..L: {lte}", flush=True)
-    job.run.log(record)
     if job.run.writer:
         write_text(job.run.path / "layers.csv", layer_table(job.task, scores))
         print(f"\n{job.task.tsv_dir} dev, {STAGE_NAMES[stage]}, epoch {epoch} (per ramp):\n"
