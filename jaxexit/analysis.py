@@ -57,9 +57,10 @@ def _calibrated(name, logits, labels, metric, halves, **rule) -> dict:
     except ValueError as e:
         return {"policy": name, "note": str(e)}
     held = cal.heldout
-    return {"policy": name, "params": dict(cal.policy.params), "rule": cal.rule, "score": held["score"], "drop": held["drop"],
-            "saving": held["saving"], "avg_layers": held["avg_layers"], "calibration_saving": cal.calibration["saving"],
-            "calibration_drop": cal.calibration["drop"], "exit_histogram": held["exit_histogram"]}
+    return {"policy": name, "params": dict(cal.policy.params), "rule": cal.rule, "score": held["score"],
+            "drop": held["drop"], "saving": held["saving"], "avg_layers": held["avg_layers"],
+            "calibration_saving": cal.calibration["saving"], "calibration_drop": cal.calibration["drop"],
+            "exit_histogram": held["exit_histogram"]}
 
 
 def deebert_rows(task, logits, labels, halves) -> list[dict]:
@@ -68,11 +69,20 @@ def deebert_rows(task, logits, labels, halves) -> list[dict]:
             for d in DEEBERT_DROPS]
 
 
-def pcee_rows(task, outputs, labels, halves) -> list[dict]:
-    logits, lte = offline.parts(outputs)
+def _near_saving_rows(task, outputs, labels, halves, names) -> list[dict]:
+    """Each policy of `names` calibrated near each of the Table 2 savings."""
     return [{"near_saving": t, **_calibrated(name, outputs, labels, metrics.primary_scorer(task), halves,
-                                               near_saving=t)}
-            for name in offline.applicable(logits.shape[2], lte is not None) for t in TARGET_SAVINGS]
+                                             near_saving=t)}
+            for name in names for t in TARGET_SAVINGS]
+
+
+def _applicable(outputs) -> tuple[str, ...]:
+    logits, lte = offline.parts(outputs)
+    return offline.applicable(logits.shape[2], lte is not None)
+
+
+def pcee_rows(task, outputs, labels, halves) -> list[dict]:
+    return _near_saving_rows(task, outputs, labels, halves, _applicable(outputs))
 
 
 def variant_labels(num_labels: int, lte: bool) -> list[str]:
@@ -84,18 +94,17 @@ def variant_labels(num_labels: int, lte: bool) -> list[str]:
 
 def variant_rows(task, outputs, labels, halves) -> list[dict]:
     logits, lte = offline.parts(outputs)
-    return [{"near_saving": t, **_calibrated(name, outputs, labels, metrics.primary_scorer(task), halves,
-                                               near_saving=t)}
-            for name in variant_labels(logits.shape[2], lte is not None) for t in TARGET_SAVINGS]
+    return _near_saving_rows(task, outputs, labels, halves, variant_labels(logits.shape[2], lte is not None))
+
+
+def ensemble_labels(outputs) -> list[str]:
+    """Every policy that applies, each with and without the cross-layer ensemble."""
+    return [label for name in _applicable(outputs) for label in (name, name + "+ensemble")]
 
 
 def ensemble_rows(task, outputs, labels, halves) -> list[dict]:
     """Every policy with and without the cross-layer ensemble at the Table 2 savings."""
-    logits, lte = offline.parts(outputs)
-    return [{"near_saving": t, **_calibrated(label, outputs, labels, metrics.primary_scorer(task), halves,
-                                               near_saving=t)}
-            for name in offline.applicable(logits.shape[2], lte is not None) for label in (name, name + "+ensemble")
-            for t in TARGET_SAVINGS]
+    return _near_saving_rows(task, outputs, labels, halves, ensemble_labels(outputs))
 
 
 def histogram_settings(num_layers: int, num_labels: int) -> list[policies.Policy]:
@@ -201,12 +210,17 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
         plot_wall_saving(result, out / "wall_saving.png")
     if result["pcee_curves"]:
         plot_pcee_curves(result, out / "pcee_patience.png")
+    # Figures 4 and 6 sweep only what the trade-off sweep above did not (its rows are every plain policy).
+    def swept(wanted: list[str]) -> list[dict]:
+        missing = [label for label in wanted if label not in {r["policy"] for r in sweep_rows}]
+        extra = offline.sweep(outputs, labels, metric, dict.fromkeys(missing)) if missing else []
+        return [r for r in sweep_rows + extra if r["policy"] in wanted]
+
     variants = variant_labels(C, lte is not None)
     if len(variants) > 1:  # PCEE-BERT Figure 4: the confidence variants on one checkpoint
-        inference.plot_tradeoff(offline.sweep(outputs, labels, metric, dict.fromkeys(variants)), result["metric"],
-                                f"{task.tsv_dir}: PCEE-BERT's confidence variants", out / "pcee_variants.png")
-    plot_ensemble(result, offline.sweep(outputs, labels, metric, {label: None for r in result["ensemble"]
-                                                                  for label in [r["policy"]]}), out / "ensemble.png")
+        inference.plot_tradeoff(swept(variants), result["metric"], f"{task.tsv_dir}: PCEE-BERT's confidence variants",
+                                out / "pcee_variants.png")
+    plot_ensemble(result, swept(ensemble_labels(outputs)), out / "ensemble.png")
     (out / "tables.md").write_text(tables([result], command=command))
     return result
 
@@ -378,18 +392,21 @@ def _deebert_cell(runs: list[dict], drop: float) -> str:
     return cell
 
 
-def _saving_row(label: str, runs: list[dict], key: str) -> str:
+_SAVING_HEADER = ["| policy | " + " | ".join(f"saving near {int(t * 100)}% on the calibration half"
+                                              for t in TARGET_SAVINGS) + " |", "|---|" + "---|" * len(TARGET_SAVINGS)]
+
+
+def _saving_row(label: str, runs: list[dict], key: str, note: str = "") -> str:
+    """One policy's cells at the Table 2 savings, from each run's `key` rows (mean ± sd over runs)."""
     cells = [_cell([next((r for r in a.get(key, []) if r["policy"] == label and r["near_saving"] == t), None)
                     for a in runs]) for t in TARGET_SAVINGS]
-    return f"| {label} | " + " | ".join(cells) + " |"
+    return f"| {label}{note} | " + " | ".join(cells) + " |"
 
 
 def _ablation_tables(groups: dict[str, list[dict]], scheme: str) -> list[str]:
     """PCEE-BERT's ablations at the Table 2 savings: confidence variants (Figure 4) and each policy
     with and without the ensemble (Figure 6). Runs analysed before these existed are skipped."""
     out = []
-    header = ["| policy | " + " | ".join(f"saving near {int(t * 100)}% on the calibration half" for t in TARGET_SAVINGS)
-              + " |", "|---|" + "---|" * len(TARGET_SAVINGS)]
     for key, title in (("variants", "PCEE-BERT Figure 4 form: confidence variants (pcee = PCEE-BERT, "
                                     "pcee[maxprob] = -v1, pcee[learned] = -v2)"),
                        ("ensemble", "PCEE-BERT Figure 6 form: each policy with and without the cross-layer ensemble")):
@@ -397,7 +414,7 @@ def _ablation_tables(groups: dict[str, list[dict]], scheme: str) -> list[str]:
             labels = list(dict.fromkeys(r["policy"] for r in runs[0].get(key, [])))
             if len(labels) < 2:
                 continue
-            out += [f"### {title} ({scheme} checkpoints)", "", f"{task}, {len(runs)} seed(s):", ""] + header
+            out += [f"### {title} ({scheme} checkpoints)", "", f"{task}, {len(runs)} seed(s):", ""] + _SAVING_HEADER
             out += [_saving_row(label, runs, key) for label in labels] + [""]
     return out
 
@@ -454,14 +471,9 @@ def tables(analyses: list[dict], command: str = "") -> str:
         out += [f"### PCEE-BERT Table 2 form ({scheme} checkpoints)", ""]
         for task, runs in sorted(groups.items()):
             out += [f"{task} ({runs[0]['metric']}), full model {_pts([a['full_score_report'] for a in runs])}, "
-                    f"{len(runs)} seed(s):", "",
-                    "| policy | " + " | ".join(f"saving near {int(t * 100)}% on the calibration half"
-                                             for t in TARGET_SAVINGS) + " |",
-                    "|---|" + "---|" * len(TARGET_SAVINGS)]
-            for name in dict.fromkeys(r["policy"] for r in runs[0]["pcee"]):
-                cells = [_cell([next((r for r in a["pcee"] if r["policy"] == name and r["near_saving"] == t), None)
-                                for a in runs]) for t in TARGET_SAVINGS]
-                out.append(f"| {name}{' (reference)' if name == 'static' else ''} | " + " | ".join(cells) + " |")
+                    f"{len(runs)} seed(s):", ""] + _SAVING_HEADER
+            out += [_saving_row(name, runs, "pcee", " (reference)" if name == "static" else "")
+                    for name in dict.fromkeys(r["policy"] for r in runs[0]["pcee"])]
             out.append("")
         out += _ablation_tables(groups, scheme)
         coverage = _coverage_rows(groups)

@@ -57,10 +57,7 @@ def policy_name(name: str | None, params: dict) -> str:
 def policy_label(name: str | None, params: dict, confidence: str | None = None, ensemble: bool = False) -> str:
     """The full policy label (`policies.parse_label`) from `--policy` or the parameter flags, plus
     `--confidence` (pcee) and `--ensemble`."""
-    label = policy_name(name, params)
-    if confidence is not None and confidence != "entropy":
-        label += f"[{confidence}]"
-    return label + ("+ensemble" if ensemble else "")
+    return policies.compose_label(policy_name(name, params), confidence or "entropy", ensemble)
 
 
 def policy_from_args(name: str | None, params: dict, num_layers: int, num_labels: int,

@@ -72,30 +72,27 @@ def ramp_predictions(outputs) -> np.ndarray:
     return policies.prediction(parts(outputs)[0])
 
 
-def ensemble_predictions(outputs) -> np.ndarray:
-    """`[L, N]`: at layer m, the prediction from the mean of ramps 1..m's probabilities (regression:
-    outputs), summed in float32 layer by layer exactly as `policies.step` sums them live."""
+def ensemble_means(outputs) -> np.ndarray:
+    """`[L, N, C]`: at layer m, the mean of ramps 1..m's probabilities (regression: outputs), summed
+    in float32 layer by layer exactly as `policies.step` sums them live (`policies.output`)."""
     logits = parts(outputs)[0]
-    acc = np.zeros(logits.shape[1:], np.float32)
-    out = np.empty(logits.shape[:2], np.float64 if logits.shape[2] == 1 else np.int32)
+    acc, out = np.zeros(logits.shape[1:], np.float32), np.empty(logits.shape, np.float32)
     for m in range(len(logits)):
         acc = acc + policies.ensemble_term(logits[m])
-        out[m] = policies.prediction(acc / np.float32(m + 1))
+        out[m] = acc / np.float32(m + 1)
     return out
+
+
+def ensemble_predictions(outputs) -> np.ndarray:
+    """`[L, N]`: at layer m, the prediction from the mean of ramps 1..m (`ensemble_means`)."""
+    return policies.prediction(ensemble_means(outputs))
 
 
 def exit_outputs(policy: Policy, outputs, exit_layer) -> np.ndarray:
     """What each row's prediction is made from `[N, C]` (as `policies.output` live): its exit
     ramp's logits, or with the ensemble the mean of ramps 1..m's probabilities (regression: outputs)."""
-    logits = parts(outputs)[0]
-    rows = np.arange(logits.shape[1])
-    if not policy.ensemble:
-        return logits[np.asarray(exit_layer) - 1, rows]
-    acc, out = np.zeros(logits.shape[1:], np.float32), np.zeros(logits.shape[1:], np.float32)
-    for m in range(1, len(logits) + 1):
-        acc = acc + policies.ensemble_term(logits[m - 1])
-        out = np.where((np.asarray(exit_layer) == m)[:, None], acc / np.float32(m), out)
-    return out
+    chosen = ensemble_means(outputs) if policy.ensemble else parts(outputs)[0]
+    return chosen[np.asarray(exit_layer) - 1, np.arange(chosen.shape[1])]
 
 
 def _predictions(policy: Policy, logits, cache: dict) -> np.ndarray:
@@ -115,12 +112,12 @@ def full_score(outputs, labels, metric: Metric) -> float:
 # ---- closed form over a grid of settings ---------------------------------------------------------
 def _layer_measure(policy: Policy, logits: np.ndarray, lte: np.ndarray | None):
     """What a policy thresholds, for every ramp and row: `[L, N]` (None for static)."""
-    if policy.needs_lte:
-        if lte is None:
-            raise ValueError(policies.NEEDS_LTE.format(policy=policy.label))
+    if policy.needs_lte and lte is None:
+        raise ValueError(policies.NEEDS_LTE.format(policy=policy.label))
+    if policy.name == "pcee":
+        return policies.pcee_confidence(policy)[0](lte if policy.needs_lte else logits)
+    if policy.name == "berxit":
         return policies.predicted_error(lte)
-    if policy.name == "pcee" and policy.confidence == "maxprob":
-        return policies.max_prob(logits)
     return {
         "entropy": policies.entropy,
         "pcee": policies.normalized_entropy,
@@ -156,7 +153,8 @@ def _fires(name: str, measure, block: Sequence[Policy], shape: tuple[int, int]) 
     if name == "berxit":
         return measure[:, None] < col("t")
     if name == "pcee":
-        confident = measure[:, None] > col("tau") if block[0].confidence == "maxprob" else measure[:, None] < col("tau")
+        above = policies.pcee_confidence(block[0])[1]
+        confident = measure[:, None] > col("tau") if above else measure[:, None] < col("tau")
         return _run_length(confident) >= col("patience")
     if name == "pabee":
         if block[0].num_labels == 1:

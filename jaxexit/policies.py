@@ -107,8 +107,7 @@ class Policy:
     @property
     def label(self) -> str:
         """The policy's full name: `pcee`, `pcee[maxprob]`, `entropy+ensemble`, ..."""
-        return (self.name + (f"[{self.confidence}]" if self.confidence != "entropy" else "")
-                + ("+ensemble" if self.ensemble else ""))
+        return compose_label(self.name, self.confidence, self.ensemble)
 
     def __getitem__(self, key: str):
         for k, v in self.params:
@@ -122,6 +121,11 @@ class Policy:
 
     def __str__(self) -> str:
         return f"{self.label}({', '.join(f'{k}={v}' for k, v in self.params)})"
+
+
+def compose_label(name: str, confidence: str = "entropy", ensemble: bool = False) -> str:
+    """The label `parse_label` reads: `name`, `[confidence]` unless the default, `+ensemble`."""
+    return name + (f"[{confidence}]" if confidence != "entropy" else "") + ("+ensemble" if ensemble else "")
 
 
 def parse_label(label: str) -> tuple[str, str, bool]:
@@ -363,13 +367,17 @@ def _maxprob(policy, state, z, lte, layer, xp):
     return state, _holds(max_prob, z, True, policy, "t", xp)
 
 
+def pcee_confidence(policy: Policy):
+    """pcee's per-layer test, `(measure, above)`: a layer is confident when `measure > tau` (above)
+    or `measure < tau`; the measure reads the logits, or the LTE's output for `learned`
+    (`policy.needs_lte`). PCEE-BERT, -v1, -v2."""
+    return {"entropy": (normalized_entropy, False), "maxprob": (max_prob, True),
+            "learned": (predicted_error, False)}[policy.confidence]
+
+
 def _pcee(policy, state, z, lte, layer, xp):
-    if policy.confidence == "maxprob":  # PCEE-BERT-v1
-        confident = _holds(max_prob, z, True, policy, "tau", xp)
-    elif policy.confidence == "learned":  # PCEE-BERT-v2
-        confident = _holds(predicted_error, lte, False, policy, "tau", xp)
-    else:
-        confident = _holds(normalized_entropy, z, False, policy, "tau", xp)
+    measure, above = pcee_confidence(policy)
+    confident = _holds(measure, lte if policy.needs_lte else z, above, policy, "tau", xp)
     count = xp.where(confident, state["count"] + 1, 0)
     return {"count": count}, count >= policy["patience"]  # first True is at count == patience
 
