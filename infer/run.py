@@ -14,27 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from jaxexit import console, policies, runners  # noqa: E402
-from jaxexit.inference import main_cli  # noqa: E402
+from jaxexit import console, runners  # noqa: E402
+from jaxexit.inference import add_policy_flags, main_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = console.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a train/finetune.py run directory (default: the latest run in --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where train/finetune.py wrote its runs (default: runs)")
-    p.add_argument("--policy", choices=policies.POLICIES, help="default: pcee when only --patience/--tau are given")
-    p.add_argument("--confidence", choices=policies.CONFIDENCES,
-                   help="pcee's per-layer confidence test: entropy (PCEE-BERT, default: H / ln C < tau), maxprob "
-                        "(PCEE-BERT-v1: max p > tau) or learned (PCEE-BERT-v2: the LTE's predicted error < tau)")
-    p.add_argument("--ensemble", action="store_true",
-                   help="cross-layer ensemble: predict from the mean of ramps 1..m's probabilities (exits unchanged)")
-    p.add_argument("--patience", type=int, help="pcee, pabee")
-    p.add_argument("--tau", type=float, help="pcee: normalised-entropy threshold in [0, 1]")
-    p.add_argument("--S", "--entropy", dest="S", type=float, help="entropy: threshold in nats (DeeBERT)")
-    p.add_argument("--t", "--max-prob", dest="t", type=float,
-                   help="maxprob: probability threshold; berxit: predicted-error threshold (both in [0, 1])")
-    p.add_argument("--delta", type=float, help="pabee on regression: agreement tolerance")
-    p.add_argument("--k", type=int, help="static: exit layer")
+    add_policy_flags(p)
     p.add_argument("--split", default="dev",
                    help="dev | test (MNLI: both matched and mismatched, side by side), or one split: dev_matched, ...")
     p.add_argument("--data-dir", help="GLUE TSV directory (default: the one the checkpoint was trained on)")

@@ -41,6 +41,24 @@ _IMPLIED = (
 PARAM_FLAGS = ("patience", "tau", "S", "t", "delta", "k")  # infer/run.py's policy parameter flags
 
 
+def add_policy_flags(p) -> None:
+    """The policy flags of infer/run.py and infer/serve.py: `--policy`, `--confidence`,
+    `--ensemble` and each parameter in `PARAM_FLAGS`."""
+    p.add_argument("--policy", choices=policies.POLICIES, help="default: pcee when only --patience/--tau are given")
+    p.add_argument("--confidence", choices=policies.CONFIDENCES,
+                   help="pcee's per-layer confidence test: entropy (PCEE-BERT, default: H / ln C < tau), maxprob "
+                        "(PCEE-BERT-v1: max p > tau) or learned (PCEE-BERT-v2: the LTE's predicted error < tau)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="cross-layer ensemble: predict from the mean of ramps 1..m's probabilities (exits unchanged)")
+    p.add_argument("--patience", type=int, help="pcee, pabee")
+    p.add_argument("--tau", type=float, help="pcee: normalised-entropy threshold in [0, 1]")
+    p.add_argument("--S", "--entropy", dest="S", type=float, help="entropy: threshold in nats (DeeBERT)")
+    p.add_argument("--t", "--max-prob", dest="t", type=float,
+                   help="maxprob: probability threshold; berxit: predicted-error threshold (both in [0, 1])")
+    p.add_argument("--delta", type=float, help="pabee on regression: agreement tolerance")
+    p.add_argument("--k", type=int, help="static: exit layer")
+
+
 def policy_name(name: str | None, params: dict) -> str:
     """`--policy`, or the policy its parameter flags imply (see `_IMPLIED`)."""
     given = {k for k, v in params.items() if v is not None}

@@ -394,6 +394,25 @@ def calibrate(name: str, outputs, labels, metric: Metric, *, target_saving: floa
         raise ValueError("give a grid or fixed parameters, not both")
     full = full_score(outputs, labels, metric)
     rows = [_with_drop(r, full) for r in sweep(outputs, labels, metric, {name: grid})]
+    index, rule = choose(rows, target_saving=target_saving, max_drop=max_drop, near_saving=near_saving, name=name)
+    chosen = rows[index]
+    policy = policies.make_policy(name, L, C, **chosen["params"])
+    report = None
+    if heldout is not None:
+        held_logits, held_labels = heldout
+        held_full = full_score(held_logits, held_labels, metric)
+        report = _with_drop(evaluate(policy, held_logits, held_labels, metric).row(), held_full)
+    picked = {k: v for k, v in policy.params if k not in fixed}
+    return Calibration(policy, rule, chosen, report, {k: policy[k] for k in fixed}, picked)
+
+
+def choose(rows: Sequence[Mapping], *, target_saving: float | None = None, max_drop: float | None = None,
+           near_saving: float | None = None, name: str = "policy") -> tuple[int, str]:
+    """`calibrate`'s rule over evaluated rows (`sweep` rows with `drop`, as `calibrate` builds them):
+    (index of the chosen row, the rule in words). Exactly one rule; see `calibrate`. Raises
+    ValueError if no row qualifies."""
+    if sum(rule is not None for rule in (target_saving, max_drop, near_saving)) != 1:
+        raise ValueError("give exactly one of target_saving, max_drop and near_saving")
     if near_saving is not None:
         gap = [abs(r["saving"] - near_saving) for r in rows]
         ok = [i for i in range(len(rows)) if gap[i] <= SAVING_BAND + _TOL]
@@ -403,30 +422,22 @@ def calibrate(name: str, outputs, labels, metric: Metric, *, target_saving: floa
             key = lambda i: (-gap[i], rows[i]["score"], -i)  # noqa: E731
         else:
             key = lambda i: (rows[i]["score"], -gap[i], -i)  # noqa: E731
-        why = ""
+        why = "the grid is empty"
     elif target_saving is not None:
         rule = f"max score s.t. saving >= {target_saving}"
         ok = [i for i, r in enumerate(rows) if r["saving"] >= target_saving - _TOL]
         key = lambda i: (rows[i]["score"], rows[i]["saving"], -i)  # noqa: E731
-        best = max((rows[i]["saving"] for i in range(len(rows))), default=None)
+        best = max((r["saving"] for r in rows), default=None)
         why = f"the largest saving in the grid is {best}"
     else:
         rule = f"max saving s.t. full_score - score <= {max_drop}"
         ok = [i for i, r in enumerate(rows) if r["drop"] <= max_drop + _TOL]
         key = lambda i: (rows[i]["saving"], rows[i]["score"], -i)  # noqa: E731
-        best = min((rows[i]["drop"] for i in range(len(rows))), default=None)
+        best = min((r["drop"] for r in rows), default=None)
         why = f"the smallest drop in the grid is {best}"
     if not ok:
         raise ValueError(f"no {name} setting meets '{rule}' on the calibration split; {why}")
-    chosen = rows[max(ok, key=key)]
-    policy = policies.make_policy(name, L, C, **chosen["params"])
-    report = None
-    if heldout is not None:
-        held_logits, held_labels = heldout
-        held_full = full_score(held_logits, held_labels, metric)
-        report = _with_drop(evaluate(policy, held_logits, held_labels, metric).row(), held_full)
-    picked = {k: v for k, v in policy.params if k not in fixed}
-    return Calibration(policy, rule, chosen, report, {k: policy[k] for k in fixed}, picked)
+    return max(ok, key=key), rule
 
 
 def calibrate_on_halves(name: str, outputs, labels, metric: Metric, halves: tuple, **rule) -> Calibration:

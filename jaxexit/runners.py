@@ -125,13 +125,19 @@ def row_buckets(cap: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def _row_bucket(n: int, cap: int) -> int:
+def row_bucket(n: int, cap: int) -> int:
     return next(b for b in row_buckets(cap) if b >= n)
 
 
-def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `real` rows of `batch`: (exit layers [real], exit logits [real, C])."""
+def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int,
+               cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first `real` rows of `batch`: (exit layers [real], exit logits [real, C]).
+
+    Live rows shrink through `row_buckets(cap)` (default: the batch's own row count); a batch whose
+    row count is one of those buckets then only ever runs row counts among them (the service's
+    dynamic batches, of any size up to `cap`)."""
     size = batch["input_ids"].shape[0]
+    cap = cap or size
     state = policies.init_state(policy, size)
     rows = np.arange(size)  # which original row each position of the current batch holds
     layers = np.zeros(size, np.int64)
@@ -148,10 +154,10 @@ def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int) ->
         keep = np.flatnonzero(~exits & (rows < real))
         if keep.size == 0:
             break
-        bucket = _row_bucket(keep.size, size)
+        bucket = row_bucket(keep.size, cap)
         keep = np.concatenate([keep, np.full(bucket - keep.size, keep[0])])  # filler repeats a live row
         if bucket != len(rows) or not np.array_equal(keep, np.arange(len(rows))):
-            z = steps.send(jnp.asarray(keep))  # the device keeps these rows for the next layer
+            z = steps.send(keep.astype(np.int32))  # the device keeps these rows for the next layer
             state = policies.take_rows(state, keep)
             rows = rows[keep]
         else:
