@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")
     p.add_argument("--max-batch", type=int, default=32, help="most inputs in one model batch (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="longest an input waits for others to share its batch (default 5 ms)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="longest an input waits for others to share its batch (default 2 ms)")
     p.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request (default 256)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--latency-slo-ms", type=float,

@@ -129,15 +129,19 @@ def row_bucket(n: int, cap: int) -> int:
     return next(b for b in row_buckets(cap) if b >= n)
 
 
-def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int,
-               cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int, cap: int | None = None,
+               on_exit=None) -> tuple[np.ndarray, np.ndarray]:
     """The first `real` rows of `batch`: (exit layers [real], exit logits [real, C]).
 
     Live rows shrink through `row_buckets(cap)` (default: the batch's own row count); a batch whose
     row count is one of those buckets then only ever runs row counts among them (the service's
-    dynamic batches, of any size up to `cap`)."""
+    dynamic batches, of any size up to `cap`). `on_exit(rows, layer, outputs)`, if given, hears of
+    the rows (indices < `real`) that exit at each layer as soon as the next layer is dispatched, so
+    a caller can answer them while the device computes the rest."""
     size = batch["input_ids"].shape[0]
     cap = cap or size
+    if size > cap:
+        raise ValueError(f"a batch of {size} rows cannot shrink through the row buckets of {cap}")
     state = policies.init_state(policy, size)
     rows = np.arange(size)  # which original row each position of the current batch holds
     layers = np.zeros(size, np.int64)
@@ -149,19 +153,23 @@ def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int,
         state, exits = policies.step(policy, state, z, layer)
         if layer == model.num_layers:
             exits = np.ones_like(exits)
-        fresh = exits & (layers[rows] == 0)
-        layers[rows[fresh]], logits[rows[fresh]] = layer, policies.output(policy, state, z, layer)[fresh]
+        fresh = exits & (layers[rows] == 0) & (rows < real)
+        out, first = np.unique(rows[fresh], return_index=True)  # a filler row repeats a live one: once each
+        layers[out], logits[out] = layer, policies.output(policy, state, z, layer)[fresh][first]
         keep = np.flatnonzero(~exits & (rows < real))
-        if keep.size == 0:
+        if keep.size:
+            bucket = row_bucket(keep.size, cap)
+            keep = np.concatenate([keep, np.full(bucket - keep.size, keep[0])])  # filler repeats a live row
+            if bucket != len(rows) or not np.array_equal(keep, np.arange(len(rows))):
+                z = steps.send(keep.astype(np.int32))  # the device keeps these rows for the next layer
+                state = policies.take_rows(state, keep)
+                rows = rows[keep]
+            else:
+                z = next(steps)
+        if on_exit is not None and out.size:
+            on_exit(out, layer, logits[out])  # the next layer (if any) is already on its way
+        if not keep.size:
             break
-        bucket = row_bucket(keep.size, cap)
-        keep = np.concatenate([keep, np.full(bucket - keep.size, keep[0])])  # filler repeats a live row
-        if bucket != len(rows) or not np.array_equal(keep, np.arange(len(rows))):
-            z = steps.send(keep.astype(np.int32))  # the device keeps these rows for the next layer
-            state = policies.take_rows(state, keep)
-            rows = rows[keep]
-        else:
-            z = next(steps)
     return layers[:real], logits[:real]
 
 

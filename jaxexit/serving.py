@@ -6,7 +6,8 @@ Prometheus metrics. `jaxexit.webapp` puts HTTP in front of it; `infer/serve.py` 
   waiting at most `max_wait_s` after the oldest) and runs each through `runners.exit_batch`, rows
   leaving the batch as they exit. Every batch is padded to a token-length bucket and a row bucket
   (`runners.row_buckets(max_batch)`), and `warm_up` compiles every such shape and every shrink
-  between them, so no request compiles.
+  between them, so no request compiles. A request is answered as soon as its last input exits,
+  while the rest of its batch goes on.
 * A request is answered with the policy that was active when it arrived: a batch only ever holds
   inputs of one policy, so replacing the policy never changes or fails a request in flight.
 * `CalibrationTable` holds every ramp's outputs on a labelled split (computed once, stored in the
@@ -188,6 +189,7 @@ class _Ticket:
         self.lock = threading.Lock()
 
     def done(self, positions, exit_layer, output) -> None:
+        """Results for some of the request's inputs; the future resolves once all have them."""
         with self.lock:
             self.exit_layer[positions] = exit_layer
             self.output[positions] = output
@@ -214,7 +216,7 @@ class Engine:
     (`policies.output`: the exit ramp's logits, or the ensemble's mean).
     """
 
-    def __init__(self, model: EarlyExitModel, max_batch: int = 32, max_wait_s: float = 0.005,
+    def __init__(self, model: EarlyExitModel, max_batch: int = 32, max_wait_s: float = 0.002,
                  metrics: Metrics | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -271,30 +273,35 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
+            by_ticket: dict[int, list[int]] = {}
+
+            def answer(rows, layer, outputs):  # rows of this batch that exited at `layer`: answer them now
+                by_ticket.clear()
+                for j in rows.tolist():
+                    by_ticket.setdefault(id(batch[j].ticket), []).append(j)
+                for js in by_ticket.values():
+                    where = np.searchsorted(rows, js)
+                    batch[js[0]].ticket.done([batch[j].position for j in js], layer, outputs[where])
+
             try:
-                exit_layer, output = self.run(batch[0].policy, [i.ids for i in batch], [i.types for i in batch])
+                self.run(batch[0].policy, [i.ids for i in batch], [i.types for i in batch], on_exit=answer)
             except Exception as e:  # noqa: BLE001 -- the requests get the error; the worker goes on
                 log.exception("batch of %d inputs failed", len(batch))
                 for item in batch:
                     if not item.ticket.future.done():
                         item.ticket.future.set_exception(e)
                 continue
-            by_ticket: dict[int, list[int]] = {}
-            for j, item in enumerate(batch):
-                by_ticket.setdefault(id(item.ticket), []).append(j)
-            for js in by_ticket.values():
-                ticket = batch[js[0]].ticket
-                ticket.done([batch[j].position for j in js], exit_layer[js], output[js])
             if self.metrics is not None:
                 self.metrics.batch_inputs.observe(len(batch))
 
-    def run(self, policy: policies.Policy, rows: list[list[int]], types: list[list[int]]):
-        """One batch (at most `max_batch` rows), padded to a length bucket and a row bucket."""
+    def run(self, policy: policies.Policy, rows: list[list[int]], types: list[list[int]], on_exit=None):
+        """One batch (at most `max_batch` rows), padded to a length bucket and a row bucket; rows
+        are reported to `on_exit` as they exit (`runners.exit_batch`)."""
         n = len(rows)
         size = runners.row_bucket(n, self.max_batch)
         filled = list(range(n)) + [0] * (size - n)  # filler repeats the first row
         batch = self.model.tokenizer.pad([rows[i] for i in filled], [types[i] for i in filled])
-        return runners.exit_batch(self.model, policy, batch, n, cap=self.max_batch)
+        return runners.exit_batch(self.model, policy, batch, n, cap=self.max_batch, on_exit=on_exit)
 
     def warm_up(self, lengths: list[int] | None = None) -> int:
         """Compile every shape a batch can take: each row bucket at each length bucket, and each
@@ -347,7 +354,7 @@ class Service:
     """The model, its task, the active policy, the engine, the controller and the metrics."""
 
     def __init__(self, model: EarlyExitModel, task: glue.Task, table: CalibrationTable | None = None, *,
-                 max_batch: int = 32, max_wait_s: float = 0.005, max_inputs: int = 256, window: int = 2000,
+                 max_batch: int = 32, max_wait_s: float = 0.002, max_inputs: int = 256, window: int = 2000,
                  source: str = ""):
         self.model, self.task, self.table, self.max_inputs, self.source = model, task, table, max_inputs, source
         self.metrics = Metrics(model.num_layers)

@@ -75,6 +75,34 @@ class BodyLimit:
         await response(scope, None, send)
 
 
+class CountRequests:
+    """ASGI middleware: every answer counted by endpoint and status (`jaxexit_requests_total`,
+    `jaxexit_request_errors_total` for 4xx and 5xx). Plain ASGI, not `BaseHTTPMiddleware`, which
+    costs a task and a stream per request."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"  # bounded label values
+        status = {}
+
+        async def tracked(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        finally:
+            code = status.get("code", 500)
+            self.metrics.requests.labels(endpoint, str(code)).inc()
+            if code >= 400:
+                self.metrics.errors.labels(endpoint, str(code)).inc()
+
+
 def _where(loc) -> str:
     parts = [str(p) for p in loc if p != "body"]
     return "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts).lstrip(".") or "body"
@@ -83,16 +111,8 @@ def _where(loc) -> str:
 def create_app(service: Service, max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="jaxexit", description="early-exit classification whose speed is turned while it runs")
     metrics = service.metrics
-    app.add_middleware(BodyLimit, limit=max_body_bytes)  # first added: inside the counting middleware below
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"  # bounded label values
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        if response.status_code >= 400:
-            metrics.errors.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)  # added last: outermost, so it counts BodyLimit's 413s
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -113,7 +133,7 @@ def create_app(service: Service, max_body_bytes: int = 1 << 20) -> FastAPI:
             raise RequestValidationError(e.errors()) from None
         future, active, arrived = service.submit(body.texts, body.pairs)
         exit_layer, outputs = await asyncio.wrap_future(future)
-        return service.answer(active, exit_layer, outputs, arrived)
+        return JSONResponse(service.answer(active, exit_layer, outputs, arrived))  # no jsonable_encoder pass
 
     @app.get("/v1/policy")
     async def get_policy():

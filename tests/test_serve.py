@@ -342,7 +342,7 @@ def test_a_batch_holds_one_policy_and_answers_equal_exit_batch(service):
     b = policies.make_policy("static", 3, 2, k=2)
     seen = []
     original = service.engine.run
-    service.engine.run = lambda policy, r, t: seen.append((policy, len(r))) or original(policy, r, t)
+    service.engine.run = lambda policy, r, t, **k: seen.append((policy, len(r))) or original(policy, r, t, **k)
     try:
         futures = [service.engine.submit(rows[:2], types[:2], a), service.engine.submit(rows[2:], types[2:], b),
                    service.engine.submit(rows[:3], types[:3], a)]
@@ -366,10 +366,10 @@ def test_engine_refuses_bad_settings_and_a_failed_batch_fails_only_its_requests(
     fine = policies.make_policy("static", 3, 2, k=3)
     original = service.engine.run
 
-    def run(policy, rows, types):
+    def run(policy, rows, types, **kwargs):
         if policy == broken:
             raise RuntimeError("the device went away")
-        return original(policy, rows, types)
+        return original(policy, rows, types, **kwargs)
 
     service.engine.run = run
     try:
@@ -430,3 +430,25 @@ def test_controller_moves_the_target_up_when_slow_and_down_with_room(service):
     with pytest.raises(ValueError, match="min saving"):
         Controller(service, slo_s=0.1, min_saving=0.5, max_saving=0.2)
     json.dumps(service.describe_policy())  # what GET /v1/policy answers is JSON
+
+
+def test_exit_batch_reports_each_row_once_as_it_exits(service, tiny_runs):
+    model = service.model
+    texts = _dev_texts(tiny_runs["sst2"])[:7]
+    rows, types = model.tokenizer.encode(texts)
+    filled = list(range(7)) + [0]  # a row bucket of 8 with one filler row
+    batch = model.tokenizer.pad([rows[i] for i in filled], [types[i] for i in filled])
+    policy = policies.make_policy("pcee", 3, 2, patience=1, tau=_median_tau(tiny_runs["sst2"]))
+    heard = []
+    layers, outputs = runners.exit_batch(model, policy, batch, 7, cap=16,
+                                         on_exit=lambda r, m, z: heard.append((r.copy(), m, z.copy())))
+    assert sorted(i for r, _, _ in heard for i in r.tolist()) == list(range(7))  # each real row once, no filler
+    assert [m for _, m, _ in heard] == sorted({m for _, m, _ in heard})  # layer by layer, in order
+    assert len(heard) >= 2  # the setting exits rows at more than one layer
+    for r, m, z in heard:
+        assert (layers[r] == m).all()
+        np.testing.assert_array_equal(z, outputs[r])
+    alone, _ = runners.exit_batch(model, policy, model.tokenizer.pad(rows, types), 7)
+    assert alone.tolist() == layers.tolist()  # the cap's buckets change shapes, not exits
+    with pytest.raises(ValueError, match="row buckets of 4"):
+        runners.exit_batch(model, policy, batch, 7, cap=4)
