@@ -135,14 +135,14 @@ def preset(name: str) -> TrainConfig:
 
 
 # ---- command line --------------------------------------------------------------------------------
-def _parser_type(annotation) -> tuple[type, bool]:
+def parser_type(annotation) -> tuple[type, bool]:
     """(scalar type, accepts 'none') for a field annotation like `int | None`."""
     hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     scalar = [h for h in hints if h is not type(None)]
     return scalar[0], len(scalar) < len(hints)
 
 
-def _converter(kind: type, optional: bool, choices: tuple | None = None):
+def converter(kind: type, optional: bool, choices: tuple | None = None):
     def convert(text: str):
         if optional and text.lower() == "none":
             return None
@@ -166,7 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         if field.name == "task":
             continue  # set by --config
-        kind, optional = _parser_type(hints[field.name])
+        kind, optional = parser_type(hints[field.name])
         flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]
         if kind is bool:
             parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
@@ -174,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         choices = field.metadata["choices"]
         shown = f"{{{','.join(choices)}}}" if choices else kind.__name__.upper()
-        parser.add_argument(flag, dest=field.name, default=None, type=_converter(kind, optional, choices),
+        parser.add_argument(flag, dest=field.name, default=None, type=converter(kind, optional, choices),
                             metavar=shown, help=help_text if field.default is None else
                             f"{help_text} (preset: {field.default})")
 
@@ -187,7 +187,11 @@ def from_arguments(args: argparse.Namespace) -> TrainConfig:
     try:
         return base.replace(**overrides)
     except ValueError as e:
-        message = str(e)
-        for f in dataclasses.fields(TrainConfig):
-            message = re.sub(rf"\b{f.name}\b", "--" + f.name.replace("_", "-"), message)
-        raise ValueError(message) from None
+        raise ValueError(flag_names(str(e), TrainConfig)) from None
+
+
+def flag_names(message: str, config_class) -> str:
+    """`message` with each field name of `config_class` written as its command-line flag."""
+    for f in dataclasses.fields(config_class):
+        message = re.sub(rf"\b{f.name}\b", "--" + f.name.replace("_", "-"), message)
+    return message
