@@ -144,7 +144,6 @@ def measure(model: EarlyExitModel, length: int, ks: list[int], mix: np.ndarray |
     L = model.num_layers
     singles = inputs(model, args.inputs, length)
     big = inputs(model, 3, length, rows=args.batch_size, seed=1)
-    layers_p, ramps_p = runners.stacked_layers(model)
     torch_runs = {a: torch_loop(jax_cfg(model), a, args.torch_threads) for a in ("eager", "sdpa")}
     rows = []
     settings = [(f"static k={k}", [k] * len(singles)) for k in ks]
@@ -159,7 +158,7 @@ def measure(model: EarlyExitModel, length: int, ks: list[int], mix: np.ndarray |
 
         def device(item):
             b, k = item
-            jax.block_until_ready(runners.device_exits(model.config, model.params, layers_p, ramps_p, b, at[k]))
+            jax.block_until_ready(runners.device_exits(model.config, model.params, b, at[k]))
 
         fns = {"dense": lambda item: model.final_logits(item[0]),
                "latency": lambda item: runners.exit_one(model, at[item[1]], item[0]),
