@@ -393,7 +393,7 @@ def calibrate(name: str, outputs, labels, metric: Metric, *, target_saving: floa
     elif fixed:
         raise ValueError("give a grid or fixed parameters, not both")
     full = full_score(outputs, labels, metric)
-    rows = [_with_drop(r, full) for r in sweep(outputs, labels, metric, {name: grid})]
+    rows = [with_drop(r, full) for r in sweep(outputs, labels, metric, {name: grid})]
     index, rule = choose(rows, target_saving=target_saving, max_drop=max_drop, near_saving=near_saving, name=name)
     chosen = rows[index]
     policy = policies.make_policy(name, L, C, **chosen["params"])
@@ -401,7 +401,7 @@ def calibrate(name: str, outputs, labels, metric: Metric, *, target_saving: floa
     if heldout is not None:
         held_logits, held_labels = heldout
         held_full = full_score(held_logits, held_labels, metric)
-        report = _with_drop(evaluate(policy, held_logits, held_labels, metric).row(), held_full)
+        report = with_drop(evaluate(policy, held_logits, held_labels, metric).row(), held_full)
     picked = {k: v for k, v in policy.params if k not in fixed}
     return Calibration(policy, rule, chosen, report, {k: policy[k] for k in fixed}, picked)
 
@@ -456,5 +456,6 @@ def describe_halves(halves: tuple, seed: int) -> str:
             f"split seed {seed}), reported on the other {len(report_rows)}")
 
 
-def _with_drop(row: dict, full: float) -> dict:
+def with_drop(row: dict, full: float) -> dict:
+    """A sweep row with the full model's score on the same inputs and `drop = full_score - score`."""
     return {**row, "full_score": full, "drop": full - row["score"]}

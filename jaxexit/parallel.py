@@ -32,6 +32,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA))
 
 
+def training_mesh(*batch_sizes: int) -> Mesh:
+    """Join a multi-host run if there is one, and the data mesh over every device, after checking
+    that every global batch size given splits evenly over it."""
+    maybe_initialize_distributed()
+    mesh = data_mesh()
+    for size in batch_sizes:
+        check_batch_size(size, mesh)
+    return mesh
+
+
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     devices = mesh.devices.size
     if global_batch % devices:

@@ -70,7 +70,7 @@ class CalibrationTable:
         if label not in self._rows:
             offline.default_grid(label, self.num_layers, self.num_labels)  # refuses what cannot apply
             rows = offline.sweep(self.outputs, self.labels, metrics.primary_scorer(self.task), {label: None})
-            self._rows[label] = [{**r, "drop": self.full_score - r["score"]} for r in rows]
+            self._rows[label] = [offline.with_drop(r, self.full_score) for r in rows]
         return self._rows[label]
 
     def _matching(self, label: str, fixed: dict) -> list[dict]:
@@ -363,6 +363,7 @@ class Service:
                                                          k=model.num_layers))
         self._lock = threading.Lock()
         self._exits: collections.deque[int] = collections.deque(maxlen=window)
+        self._exit_sum = 0  # of self._exits, kept as inputs come and go
         self._latencies: collections.deque[tuple[float, float]] = collections.deque(maxlen=20000)
         self.controller: Controller | None = None
         self._warm = False
@@ -507,7 +508,11 @@ class Service:
                             "probabilities": [float(p) for p in probs], "exit_layer": m})
         now = time.perf_counter()
         with self._lock:
-            self._exits.extend(exit_layer.tolist())
+            for m in exit_layer.tolist():
+                if len(self._exits) == self._exits.maxlen:
+                    self._exit_sum -= self._exits[0]  # the oldest leaves the window
+                self._exits.append(m)
+                self._exit_sum += m
             self._latencies.append((now, now - arrived))
         self.metrics.latency.observe(now - arrived)
         self.metrics.inputs.inc(len(results))
@@ -520,7 +525,7 @@ class Service:
         with self._lock:
             if not self._exits:
                 return None
-            return 1.0 - float(np.mean(self._exits)) / self.model.num_layers
+            return 1.0 - self._exit_sum / len(self._exits) / self.model.num_layers
 
     def recent_latencies(self, seconds: float) -> np.ndarray:
         since = time.perf_counter() - seconds

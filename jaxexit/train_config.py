@@ -13,55 +13,55 @@ from jaxexit.config import RAMP_INPUTS, RAMP_POOLERS, DictConfig
 SCHEMES = ("two_stage", "joint", "alternate")
 
 
-def _field(default, help: str, choices: tuple | None = None):
+def config_field(default, help: str, choices: tuple | None = None):
     """A config field with its one-line `--help` text (and choices), kept beside its default."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(DictConfig):
-    task: str = _field("sst2", "GLUE task (set by --config)")
-    model: str = _field("bert-base-uncased", "Hugging Face hub id or local checkpoint directory to start from")
-    data_dir: str | None = _field(None, "local GLUE TSV directory (the task's or the GLUE root); none: "
+    task: str = config_field("sst2", "GLUE task (set by --config)")
+    model: str = config_field("bert-base-uncased", "Hugging Face hub id or local checkpoint directory to start from")
+    data_dir: str | None = config_field(None, "local GLUE TSV directory (the task's or the GLUE root); none: "
                                         "tensorflow-datasets, downloaded")
-    skip_bad_rows: bool = _field(False, "skip malformed TSV rows (reported: how many, where) instead of "
+    skip_bad_rows: bool = config_field(False, "skip malformed TSV rows (reported: how many, where) instead of "
                                         "stopping at the first")
-    scheme: str = _field("two_stage", "two_stage: DeeBERT's two stages; joint: PABEE/PCEE's weighted sum "
+    scheme: str = config_field("two_stage", "two_stage: DeeBERT's two stages; joint: PABEE/PCEE's weighted sum "
                                       "of all ramps' losses; alternate: BERxiT's, even steps the final ramp's "
                                       "loss, odd steps the sum of all ramps' losses", SCHEMES)
-    ramp_pooler: str | None = _field(None, "one pooler per ramp or one shared by all (default: per_ramp for "
+    ramp_pooler: str | None = config_field(None, "one pooler per ramp or one shared by all (default: per_ramp for "
                                            "two_stage and alternate, shared for joint, as the papers)", RAMP_POOLERS)
-    ramp_input: str = _field("cls", "what each ramp reads of its layer: cls, the first token (the papers); mean, "
+    ramp_input: str = config_field("cls", "what each ramp reads of its layer: cls, the first token (the papers); mean, "
                                     "the masked mean of the token states (mean-pooling checkpoints)", RAMP_INPUTS)
-    max_length: int = _field(128, "tokens per input after truncation")
-    batch_size: int = _field(32, "training batch (global: split over all devices)")
-    eval_batch_size: int = _field(128, "evaluation batch")
-    lr: float = _field(2e-5, "peak learning rate (stage 1, joint)")
-    stage2_lr: float | None = _field(None, "peak learning rate of stage 2 (default: --lr)")
-    epochs: float = _field(3.0, "epochs per stage (fractions allowed)")
-    stage2_epochs: float | None = _field(None, "epochs of stage 2 (default: --epochs)")
-    stage1_from: str | None = _field(None, "two_stage: a finished run whose backbone and final ramp stage 2 "
+    max_length: int = config_field(128, "tokens per input after truncation")
+    batch_size: int = config_field(32, "training batch (global: split over all devices)")
+    eval_batch_size: int = config_field(128, "evaluation batch")
+    lr: float = config_field(2e-5, "peak learning rate (stage 1, joint)")
+    stage2_lr: float | None = config_field(None, "peak learning rate of stage 2 (default: --lr)")
+    epochs: float = config_field(3.0, "epochs per stage (fractions allowed)")
+    stage2_epochs: float | None = config_field(None, "epochs of stage 2 (default: --epochs)")
+    stage1_from: str | None = config_field(None, "two_stage: a finished run whose backbone and final ramp stage 2 "
                                            "starts from (stage 1 skipped, ramps 1..L-1 fresh)")
-    lte: bool = _field(False, "after fine-tuning, train BERxiT's learning-to-exit module in a stage of its own "
+    lte: bool = config_field(False, "after fine-tuning, train BERxiT's learning-to-exit module in a stage of its own "
                                "(backbone and ramps frozen)")
-    lte_from: str | None = _field(None, "a finished run: train only its learning-to-exit module, on its backbone and "
+    lte_from: str | None = config_field(None, "a finished run: train only its learning-to-exit module, on its backbone and "
                                         "ramps, into a new run (implies --lte; scheme and ramp settings from that run)")
-    lte_lr: float = _field(2e-4, "peak learning rate of the LTE stage (castorini/berxit: 2e-4)")
-    lte_epochs: float = _field(1.0, "epochs of the LTE stage (castorini/berxit: 1)")
-    max_steps: int = _field(0, "stop each stage after this many steps (0: no limit; smoke tests)")
-    warmup_ratio: float = _field(0.1, "linear warm-up over this fraction of a stage's steps, then linear decay")
-    weight_decay: float = _field(0.01, "AdamW decoupled weight decay (never on biases or LayerNorm)")
-    adam_b1: float = _field(0.9, "Adam beta1")
-    adam_b2: float = _field(0.999, "Adam beta2")
-    adam_eps: float = _field(1e-8, "Adam epsilon")
-    max_grad_norm: float = _field(1.0, "global-norm gradient clipping of the trained parameters (0: off)")
-    seed: int = _field(42, "seed of initialisation, data order and dropout")
-    output_dir: str = _field("runs", "where runs are written (output_dir/run_name)")
-    run_name: str | None = _field(None, "run directory name (default: <task>-<scheme>-<time>)")
-    save_every: int = _field(500, "steps between resumable checkpoints (also at every epoch's end)")
-    log_every: int = _field(20, "steps between training records in metrics.jsonl")
-    max_train_examples: int = _field(0, "use only the first N training examples (0: all)")
-    max_eval_examples: int = _field(0, "evaluate on the first N dev examples only (0: all)")
+    lte_lr: float = config_field(2e-4, "peak learning rate of the LTE stage (castorini/berxit: 2e-4)")
+    lte_epochs: float = config_field(1.0, "epochs of the LTE stage (castorini/berxit: 1)")
+    max_steps: int = config_field(0, "stop each stage after this many steps (0: no limit; smoke tests)")
+    warmup_ratio: float = config_field(0.1, "linear warm-up over this fraction of a stage's steps, then linear decay")
+    weight_decay: float = config_field(0.01, "AdamW decoupled weight decay (never on biases or LayerNorm)")
+    adam_b1: float = config_field(0.9, "Adam beta1")
+    adam_b2: float = config_field(0.999, "Adam beta2")
+    adam_eps: float = config_field(1e-8, "Adam epsilon")
+    max_grad_norm: float = config_field(1.0, "global-norm gradient clipping of the trained parameters (0: off)")
+    seed: int = config_field(42, "seed of initialisation, data order and dropout")
+    output_dir: str = config_field("runs", "where runs are written (output_dir/run_name)")
+    run_name: str | None = config_field(None, "run directory name (default: <task>-<scheme>-<time>)")
+    save_every: int = config_field(500, "steps between resumable checkpoints (also at every epoch's end)")
+    log_every: int = config_field(20, "steps between training records in metrics.jsonl")
+    max_train_examples: int = config_field(0, "use only the first N training examples (0: all)")
+    max_eval_examples: int = config_field(0, "evaluate on the first N dev examples only (0: all)")
 
     def __post_init__(self):
         checks = [
@@ -158,14 +158,20 @@ def converter(kind: type, optional: bool, choices: tuple | None = None):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config PRESET` plus one `--field-name VALUE` per TrainConfig field (typed, with its help
-    and choices); boolean fields are switches (`--skip-bad-rows` / `--no-skip-bad-rows`)."""
+    """`--config PRESET` plus one `--field-name VALUE` per TrainConfig field (`add_field_arguments`)."""
     parser.add_argument("--config", default="sst2", metavar="PRESET",
                         help=f"task preset, the papers' recipe for it: {', '.join(PRESETS)} (default: sst2)")
-    hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        if field.name == "task":
-            continue  # set by --config
+    add_field_arguments(parser, TrainConfig, skip="task")
+
+
+def add_field_arguments(parser: argparse.ArgumentParser, config_class, skip: str) -> None:
+    """One `--field-name VALUE` per field of `config_class` but `skip` (the one a preset sets),
+    typed, with its help and choices; boolean fields are switches (`--skip-bad-rows` /
+    `--no-skip-bad-rows`). Every default is None: "not given on the command line"."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        if field.name == skip:
+            continue
         kind, optional = parser_type(hints[field.name])
         flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]
         if kind is bool:
@@ -179,15 +185,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             f"{help_text} (preset: {field.default})")
 
 
+def given_fields(args: argparse.Namespace, config_class, skip: str) -> dict:
+    """The fields of `config_class` (but `skip`) given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+            if f.name != skip and getattr(args, f.name, None) is not None}
+
+
+def with_flags(base, args: argparse.Namespace, skip: str):
+    """`base` (a preset) with the flags' overrides; a value out of range is a ValueError naming its flag."""
+    try:
+        return base.replace(**given_fields(args, type(base), skip))
+    except ValueError as e:
+        raise ValueError(flag_names(str(e), type(base))) from None
+
+
 def from_arguments(args: argparse.Namespace) -> TrainConfig:
     """The preset with the flags' overrides; a value out of range is a ValueError naming its flag."""
-    base = preset(args.config)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if f.name != "task" and getattr(args, f.name, None) is not None}
-    try:
-        return base.replace(**overrides)
-    except ValueError as e:
-        raise ValueError(flag_names(str(e), TrainConfig)) from None
+    return with_flags(preset(args.config), args, skip="task")
 
 
 def flag_names(message: str, config_class) -> str:

@@ -86,10 +86,7 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     if run is None:  # a new run: refuse a taken name before anything slow happens
         name = cfg.run_name or f"{task.name}-{cfg.scheme}-{timestamp()}"
         RunDir.check_free(cfg.output_dir, name)
-    parallel.maybe_initialize_distributed()
-    mesh = parallel.data_mesh()
-    parallel.check_batch_size(cfg.batch_size, mesh)
-    parallel.check_batch_size(cfg.eval_batch_size, mesh)
+    mesh = parallel.training_mesh(cfg.batch_size, cfg.eval_batch_size)
 
     # Model and tokenizer.
     if cfg.lte_from:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 
 from jaxexit import images
 from jaxexit.config import DictConfig
 from jaxexit.resnet import ResNetConfig
-from jaxexit.train_config import converter, flag_names, parser_type
+from jaxexit.train_config import add_field_arguments, config_field, given_fields, with_flags
 
 SCHEDULES = ("cosine", "step")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,34 +33,29 @@ DATASETS = {
 }
 
 
-def _field(default, help: str, choices: tuple | None = None):
-    """A config field with its one-line `--help` text (and choices), kept beside its default."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclasses.dataclass(frozen=True)
 class VisionTrainConfig(DictConfig):
-    dataset: str = _field("cifar10", "dataset (set by --config): its tfds name and its normalisation", tuple(DATASETS))
-    data_dir: str | None = _field(None, "image folder {train,test}/<class>/* (offline); none: tensorflow-datasets, "
+    dataset: str = config_field("cifar10", "dataset (set by --config): its tfds name and its normalisation", tuple(DATASETS))
+    data_dir: str | None = config_field(None, "image folder {train,test}/<class>/* (offline); none: tensorflow-datasets, "
                                         "downloaded")
-    depth: int = _field(56, "ResNet depth 6n + 2 (56: 27 blocks, hence 27 exits)")
-    dtype: str = _field("float32", "computation dtype of the network (parameters stay float32)", DTYPES)
-    batch_size: int = _field(128, "training batch (global: split over all devices)")
-    eval_batch_size: int = _field(256, "evaluation batch")
-    epochs: int = _field(10, "training epochs (the schedule spans them)")
-    lr: float = _field(0.1, "peak learning rate of SGD")
-    momentum: float = _field(0.9, "SGD momentum (heavy ball, no Nesterov)")
-    weight_decay: float = _field(1e-4, "L2 weight decay on conv and dense kernels only (He et al., PABEE: 1e-4)")
-    schedule: str = _field("cosine", "cosine: lr -> 0 over the run's steps; step: lr / 10 at 50%% and 75%% of them "
+    depth: int = config_field(56, "ResNet depth 6n + 2 (56: 27 blocks, hence 27 exits)")
+    dtype: str = config_field("float32", "computation dtype of the network (parameters stay float32)", DTYPES)
+    batch_size: int = config_field(128, "training batch (global: split over all devices)")
+    eval_batch_size: int = config_field(256, "evaluation batch")
+    epochs: int = config_field(10, "training epochs (the schedule spans them)")
+    lr: float = config_field(0.1, "peak learning rate of SGD")
+    momentum: float = config_field(0.9, "SGD momentum (heavy ball, no Nesterov)")
+    weight_decay: float = config_field(1e-4, "L2 weight decay on conv and dense kernels only (He et al., PABEE: 1e-4)")
+    schedule: str = config_field("cosine", "cosine: lr -> 0 over the run's steps; step: lr / 10 at 50%% and 75%% of them "
                                      "(He et al.'s 32k/48k of 64k)", SCHEDULES)
-    max_steps: int = _field(0, "stop after this many steps, the schedule spanning them (0: no limit; smoke tests)")
-    seed: int = _field(42, "seed of initialisation, data order and augmentation")
-    output_dir: str = _field("runs", "where runs are written (output_dir/run_name)")
-    run_name: str | None = _field(None, "run directory name (default: <dataset>-resnet<depth>-<time>)")
-    save_every: int = _field(100, "steps between resumable checkpoints, also at every epoch's end (0: epoch ends only)")
-    log_every: int = _field(20, "steps between training records in metrics.jsonl")
-    max_train_examples: int = _field(0, "train on N evenly spaced training images (every class; 0: all)")
-    max_eval_examples: int = _field(0, "evaluate on N evenly spaced test images (every class; 0: all)")
+    max_steps: int = config_field(0, "stop after this many steps, the schedule spanning them (0: no limit; smoke tests)")
+    seed: int = config_field(42, "seed of initialisation, data order and augmentation")
+    output_dir: str = config_field("runs", "where runs are written (output_dir/run_name)")
+    run_name: str | None = config_field(None, "run directory name (default: <dataset>-resnet<depth>-<time>)")
+    save_every: int = config_field(100, "steps between resumable checkpoints, also at every epoch's end (0: epoch ends only)")
+    log_every: int = config_field(20, "steps between training records in metrics.jsonl")
+    max_train_examples: int = config_field(0, "train on N evenly spaced training images (every class; 0: all)")
+    max_eval_examples: int = config_field(0, "evaluate on N evenly spaced test images (every class; 0: all)")
 
     def __post_init__(self):
         checks = [
@@ -105,32 +99,17 @@ def preset(name: str) -> VisionTrainConfig:
 # ---- command line --------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config PRESET` plus one `--field-name VALUE` per VisionTrainConfig field but `dataset`
-    (typed, with its help and choices). Every default is None: "not given on the command line"."""
+    (`train_config.add_field_arguments`). Every default is None: "not given on the command line"."""
     parser.add_argument("--config", default=None, metavar="PRESET",
                         help=f"dataset preset: {', '.join(PRESETS)} (default: cifar10)")
-    hints = typing.get_type_hints(VisionTrainConfig)
-    for field in dataclasses.fields(VisionTrainConfig):
-        if field.name == "dataset":
-            continue  # set by --config
-        kind, optional = parser_type(hints[field.name])
-        choices = field.metadata["choices"]
-        shown = f"{{{','.join(choices)}}}" if choices else kind.__name__.upper()
-        help_text = field.metadata["help"]
-        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None, metavar=shown,
-                            type=converter(kind, optional, choices),
-                            help=help_text if field.default is None else f"{help_text} (preset: {field.default})")
+    add_field_arguments(parser, VisionTrainConfig, skip="dataset")
 
 
 def overrides(args: argparse.Namespace) -> dict:
     """The fields given on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(VisionTrainConfig)
-            if f.name != "dataset" and getattr(args, f.name, None) is not None}
+    return given_fields(args, VisionTrainConfig, skip="dataset")
 
 
 def from_arguments(args: argparse.Namespace) -> VisionTrainConfig:
     """The preset with the flags' overrides; a value out of range is a ValueError naming its flag."""
-    base = preset(args.config or "cifar10")
-    try:
-        return base.replace(**overrides(args))
-    except ValueError as e:
-        raise ValueError(flag_names(str(e), VisionTrainConfig)) from None
+    return with_flags(preset(args.config or "cifar10"), args, skip="dataset")

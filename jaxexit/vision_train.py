@@ -236,10 +236,7 @@ def train(cfg: VisionTrainConfig | None, resume: str | None = None, progress: bo
     else:  # a new run: refuse a taken name before anything slow happens
         name = cfg.run_name or f"{cfg.dataset}-resnet{cfg.depth}-{timestamp()}"
         RunDir.check_free(cfg.output_dir, name)
-    parallel.maybe_initialize_distributed()
-    mesh = parallel.data_mesh()
-    parallel.check_batch_size(cfg.batch_size, mesh)
-    parallel.check_batch_size(cfg.eval_batch_size, mesh)
+    mesh = parallel.training_mesh(cfg.batch_size, cfg.eval_batch_size)
 
     # Data (before the run directory exists, so that a data error leaves nothing behind).
     data = load_data(cfg)
