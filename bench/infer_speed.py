@@ -36,13 +36,13 @@ def closest_setting(rows, target: float, window: float = 0.05):
     return min(rows, key=lambda r: (abs(r["saving"] - target), -r["score"]))
 
 
-def paired_latency(model, policy, split, rounds: int):
+def paired_latency(model, policy, split, rounds: int, pipelined: bool = True):
     """Batch-1 seconds of the early-exit run and of the full model over the same inputs, measured
     input by input in alternating order for `rounds` rounds (so that the machine's noise hits
     both alike); returns per-round (early, full) totals."""
     singles = runners.single_inputs(model, split)
     runners.warm_up(model.final_logits, singles, 2)
-    runners.warm_up(lambda b: runners.exit_one(model, policy, b), singles, 2)
+    runners.warm_up(lambda b: runners.warm_latency(model, policy, b, pipelined), singles, 2)
     out = []
     for r in range(rounds):
         early = full = 0.0
@@ -50,7 +50,7 @@ def paired_latency(model, policy, split, rounds: int):
             order = (0, 1) if (i + r) % 2 == 0 else (1, 0)
             for which in order:
                 start = time.perf_counter()
-                runners.exit_one(model, policy, b) if which == 0 else model.final_logits(b)
+                runners.exit_one(model, policy, b, pipelined) if which == 0 else model.final_logits(b)
                 took = time.perf_counter() - start
                 if which == 0:
                     early += took
@@ -109,6 +109,8 @@ def main():
     _, full_latency = runners.run_full_latency(model, split)
     paired = paired_latency(model, policy, split, args.rounds)
     paired_ratios = sorted(1 - e / f for e, f in paired)
+    host = paired_latency(model, policy, split, args.rounds, pipelined=False)
+    host_ratios = sorted(1 - e / f for e, f in host)
     batched = runners.run_batched(model, policy, split, args.batch_size)
     _, full_batched = runners.run_full_batched(model, split, args.batch_size)
     device = runners.run_on_device(model, policy, split, 1)
@@ -136,6 +138,10 @@ def main():
         "latency_paired": {"rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in paired],
                            "median_wall_saving": paired_ratios[len(paired) // 2],
                            "median_wall_saving_over_saving": paired_ratios[len(paired) // 2] / saving if saving else None},
+        "latency_paired_host_decisions": {
+            "rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in host],
+            "median_wall_saving": host_ratios[len(host) // 2],
+            "median_wall_saving_over_saving": host_ratios[len(host) // 2] / saving if saving else None},
         "latency": {"early_exit_s": latency.seconds, "full_model_s": full_latency, "wall_saving": wall_saving,
                     "wall_saving_over_saving": wall_saving / saving if saving else None,
                     "ms_per_input_early_exit": 1000 * latency.seconds / n, "ms_per_input_full": 1000 * full_latency / n},
@@ -162,6 +168,8 @@ def main():
           f"| **wall_saving / saving** (latency) | **{f['latency']['wall_saving_over_saving']:.3f}** (wall_saving {wall_saving:.3f}) |\n"
           f"| latency mode, paired per input ({args.rounds} rounds): median wall_saving / saving | **{pw['median_wall_saving_over_saving']:.3f}** (wall_saving {pw['median_wall_saving']:.3f}; rounds "
           + ", ".join(f"{r['wall_saving']:.3f}" for r in pw["rounds"]) + ") |\n"
+          f"| the same with host decisions (`exit_one(pipelined=False)`): median wall_saving / saving | "
+          f"{f['latency_paired_host_decisions']['median_wall_saving_over_saving']:.3f} |\n"
           f"| host-decision overhead per layer (batch 1, all L layers stepped vs the full model, {len(sample)} inputs) | {overhead_ms:.3f} ms = {f['host_decision_overhead']['fraction_of_a_layer']:.2f} of a layer |\n"
           f"| on-device loop, batch 1: wall_saving | {f['device_batch1']['wall_saving']:.3f} |\n"
           f"| batched (batch {args.batch_size}): full model / early exit time = **throughput ratio** | **{f['batched']['throughput_ratio']:.2f}x** |\n")

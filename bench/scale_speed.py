@@ -8,8 +8,9 @@ For each model (`base`: 12 layers, hidden 768, random weights, which do not chan
 static exits at 1/3, 1/2, 2/3 and all of the layers, and with the exit distribution of a real
 setting (pcee nearest 40% saving on the SST-2 checkpoint given by --checkpoint, layers scaled to L):
 
-* latency mode, batch 1: early exit (`runners.exit_one`) against the dense model compiled as one
-  function, input by input in alternating order -> `wall_saving / saving`;
+* latency mode, batch 1: early exit (`runners.exit_one`, pipelined with the decisions on the device,
+  and with host decisions) against the dense model compiled as one function, input by input in
+  alternating order -> `wall_saving / saving`;
 * on-device mode, batch 1 (`runners.device_exits`, one `lax.while_loop`) -> `wall_saving / saving`;
 * batched mode, batch --batch-size: throughput against the dense model -> its ratio to the ideal
   `1 / (1 - saving)`;
@@ -162,17 +163,20 @@ def measure(model: EarlyExitModel, length: int, ks: list[int], mix: np.ndarray |
 
         fns = {"dense": lambda item: model.final_logits(item[0]),
                "latency": lambda item: runners.exit_one(model, at[item[1]], item[0]),
+               "latency_host": lambda item: runners.exit_one(model, at[item[1]], item[0], pipelined=False),
                "device": device}
         for a, run in torch_runs.items():
             if run is not None:
                 fns[f"torch_{a}"] = lambda item, run=run: run(item[0], item[1])
+        for pipelined in (True, False):  # every step either latency form can take (static policies share them)
+            runners.warm_latency(model, at[L], singles[0], pipelined)
         paired(fns, items[:2], 1)  # compile and warm every path
         totals = paired(fns, items, args.rounds)
         med = {n: float(np.median(t)) for n, t in totals.items()}
         ratio = lambda mode: [1 - e / d for e, d in zip(totals[mode], totals["dense"])]  # noqa: E731
         row = {"setting": name, "length": length, "saving": saving, "inputs": len(items), "rounds": args.rounds,
                "ms": {n: 1e3 * v / len(items) for n, v in med.items()}}
-        for mode in ("latency", "device"):
+        for mode in ("latency", "latency_host", "device"):
             ws = float(np.median(ratio(mode)))
             row[f"{mode}_wall_saving"] = ws
             row[f"{mode}_ws_over_saving"] = ws / saving if saving > 0 else None
@@ -216,16 +220,19 @@ def main():
         results[scale] = [r for length in args.lengths for r in measure(model, length, ks, mix_layers, args)]
 
     lines = [f"Batch-1 inputs: {args.inputs} random-token inputs per setting, {args.rounds} rounds, every mode "
-             "alternated input by input; medians over rounds. `ws/s` = wall_saving / saving. Batched: batch "
+             "alternated input by input; medians over rounds. `ws/s` = wall_saving / saving. Latency: pipelined "
+             "(the default: policy on the device, layer i+1 queued before ramp i's flag is read); host decisions: "
+             "the host reads each ramp's logits and decides before the next dispatch. Batched: batch "
              f"{args.batch_size}, every row exiting at k, throughput over the dense model's and over the ideal "
              "1 / (1 - saving). PyTorch: transformers' BertModel layers in a DeeBERT-style loop (ramp on the first "
              f"token and a host read of its entropy after every layer), {args.torch_threads} threads.",
              "" if mix_name is None else f"`real setting`: exits of {mix_name} on SST-2 dev ({args.checkpoint}), "
              "layers scaled to L, drawn per input.", ""]
     for scale, rows in results.items():
-        lines += [f"### {scale}", "", "| exits | tokens | saving | dense ms | latency ms | latency ws/s | device ws/s | "
-                  "batched x dense (x ideal) | torch eager ms | torch sdpa ms | jaxexit / torch eager | jaxexit / torch sdpa |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {scale}", "", "| exits | tokens | saving | dense ms | latency ms | latency ws/s | "
+                  "latency, host decisions: ws/s | device ws/s | batched x dense (x ideal) | torch eager ms | "
+                  "torch sdpa ms | jaxexit / torch eager | jaxexit / torch sdpa |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             def f(key, fmt="{:.2f}"):
                 return "-" if r.get(key) is None else fmt.format(r[key])
@@ -233,7 +240,8 @@ def main():
             batched = (f"{r['batched_throughput_ratio']:.2f} ({r['batched_over_ideal']:.2f})"
                        if "batched_throughput_ratio" in r else "-")
             lines.append(f"| {r['setting']} | {r['length']} | {r['saving']:.3f} | {ms['dense']:.1f} | {ms['latency']:.1f} | "
-                         f"{f('latency_ws_over_saving')} | {f('device_ws_over_saving')} | {batched} | "
+                         f"{f('latency_ws_over_saving')} | {f('latency_host_ws_over_saving')} | "
+                         f"{f('device_ws_over_saving')} | {batched} | "
                          f"{ms.get('torch_eager', float('nan')):.1f} | {ms.get('torch_sdpa', float('nan')):.1f} | "
                          f"{f('jax_over_torch_eager')} | {f('jax_over_torch_sdpa')} |")
         lines.append("")

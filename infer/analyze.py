@@ -2,6 +2,10 @@
 
     python infer/analyze.py runs/mrpc-joint --out results/analysis/mrpc-joint
     python infer/analyze.py --tables results/analysis --out results/tables.md
+    python infer/analyze.py runs/cifar10-resnet56 --out results/vision/cifar10-resnet56
+
+A train/train_vision.py run (multi-exit ResNet) is analysed on its test split the same way, plus
+PCEE-BERT's Table 3 form (PABEE against PCEE at the savings nearest 75/50/25%).
 
 The first form runs one cached pass over dev (plus timed latency runs for the wall-saving figure)
 and writes analysis.json, tables.md, logits.npy, tradeoff.{csv,png}, per_layer.png,
@@ -27,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="run directories (or, with --tables, analysis directories)")
     p.add_argument("--out", required=True, help="output directory (with --tables: the markdown file)")
     p.add_argument("--tables", action="store_true", help="gather analysis.json files into tables")
-    p.add_argument("--data-dir", help="GLUE TSV directory (default: the one the run was trained on)")
-    p.add_argument("--split", default="dev", help="dev (MNLI: matched and mismatched, each analysed) or one split")
+    p.add_argument("--data-dir", help="GLUE TSV directory, or for a train/train_vision.py run an image folder "
+                                      "(default: the data the run was trained on)")
+    p.add_argument("--split", default="dev", help="dev (MNLI: matched and mismatched, each analysed) or one split "
+                                                  "(image runs: always test)")
     p.add_argument("--split-seed", type=int, default=0,
                    help="seed of the random split into calibration and report halves (default 0)")
     p.add_argument("--skip-bad-rows", action="store_true",
@@ -55,7 +61,8 @@ def main(argv=None):
         if args.timing_inputs < 0:
             parser.error(f"--timing-inputs must be >= 0, got {args.timing_inputs}")
         run = RunDir(args.paths[0])
-        task = glue.get_task(run.train_config()["task"]) if (run.path / "train_config.json").is_file() else None
+        text_run = (run.path / "train_config.json").is_file() and not analysis.is_vision_run(run.path)
+        task = glue.get_task(run.train_config()["task"]) if text_run else None
         splits = glue.resolve_splits(task, args.split) if task else (args.split,)
         results = {}
         for split in splits:

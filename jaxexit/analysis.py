@@ -138,12 +138,14 @@ def pcee_curves(logits, labels, metric) -> dict | None:
     return {"taus": list(PCEE_FIGURE_TAUS), "curves": curves, "pabee": pabee}
 
 
-def wall_savings(model: EarlyExitModel, split, settings: list[policies.Policy]) -> dict:
-    """Latency mode (batch 1): the full model once, then each setting, on the same inputs."""
-    _, full = runners.run_full_latency(model, split)
+def wall_savings(model: EarlyExitModel, split, settings: list[policies.Policy], full_latency=runners.run_full_latency,
+                 latency=runners.run_latency) -> dict:
+    """Latency mode (batch 1): the full model once, then each setting, on the same inputs (`split`,
+    as `full_latency(model, split)` and `latency(model, policy, split)` take them)."""
+    _, full = full_latency(model, split)
     rows = []
     for policy in settings:
-        exits = runners.run_latency(model, policy, split)
+        exits = latency(model, policy, split)
         eff = offline.efficiency(exits.exit_layer, model.num_layers)
         rows.append({"policy": policy.name, "params": dict(policy.params), "saving": eff["saving"],
                      "seconds": exits.seconds, "wall_saving": 1.0 - exits.seconds / full})
@@ -153,32 +155,45 @@ def wall_savings(model: EarlyExitModel, split, settings: list[policies.Policy]) 
 def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validation", timing_inputs: int = 200,
             command: str = "", split_seed: int = 0, skip_bad_rows: bool = False) -> dict:
     """Every analysis above for one run and one split (`glue.resolve_splits` names MNLI's two dev
-    splits; `infer/analyze.py` runs each); writes `analysis.json`, `tables.md`, CSV and PNGs to `out_dir`."""
+    splits; `infer/analyze.py` runs each); writes `analysis.json`, `tables.md`, CSV and PNGs to
+    `out_dir`. A `train/train_vision.py` run goes to `analyze_vision`."""
     from jaxexit import inference
 
     run = inference.resolve_run(str(run_dir))
+    if is_vision_run(run.path):
+        return analyze_vision(run.path, out_dir, data_dir, timing_inputs, command, split_seed)
     train_cfg = run.train_config()
     task = glue.get_task(train_cfg["task"])
     model = EarlyExitModel.from_run(run.path)
     split_name = glue.canonical_split(task, split)
     data, _ = inference.load_inputs(run, model, task, split_name, data_dir or train_cfg.get("data_dir"),
                                     skip_bad_rows=skip_bad_rows)
-    labels = data.labels
     if not data.labelled:
         raise ValueError(f"{task.tsv_dir} {split_name} has no labels; the analyses need a labelled split")
+    about = {"task": task.name, "tsv_dir": task.tsv_dir, "split": split_name, "checkpoint": str(run.path),
+             "scheme": train_cfg["scheme"], "seed": train_cfg["seed"], "model": train_cfg["model"]}
+    return report(task, runners.cached_logits(model, data), data.labels, out_dir, about,
+                  lambda rows, settings: wall_savings(model, data.take(rows), settings),
+                  timing_inputs, command, split_seed)
+
+
+def report(task: glue.Task, outputs, labels: np.ndarray, out_dir, about: dict, time_settings, timing_inputs: int,
+           command: str = "", split_seed: int = 0) -> dict:
+    """The analyses of one run's cached outputs (`[L, N, C]` logits, or `RampOutputs` with an LTE's)
+    on a labelled split: `about` names the run and split (task, split, checkpoint, scheme, seed,
+    model); `time_settings(rows, policies)` times the chosen settings in latency mode on those
+    report-half rows (`wall_savings`)."""
+    from jaxexit import inference
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    outputs = runners.cached_logits(model, data)  # logits, or RampOutputs with the LTE's
     logits, lte = offline.parts(outputs)
     L, N, C = logits.shape
     halves = offline.split_halves(N, split_seed)
     cal_rows, report_rows = halves
     metric = metrics.primary_scorer(task)
     result = {
-        "task": task.name, "tsv_dir": task.tsv_dir, "split": split_name, "metric": metrics.primary_metric(task),
-        "checkpoint": str(run.path), "scheme": train_cfg["scheme"], "seed": train_cfg["seed"],
-        "model": train_cfg["model"], "num_layers": L, "n": N, "command": command,
+        **about, "metric": metrics.primary_metric(task), "num_layers": L, "n": N, "command": command,
         "split_seed": split_seed, "calibration_n": len(cal_rows), "report_n": len(report_rows),
         "halves": "thresholds " + offline.describe_halves(halves, split_seed),
         "full_score": offline.full_score(logits, labels, metric),
@@ -195,11 +210,10 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
     _, _, sweep_rows = inference.sweep(task, outputs, labels, out / "tradeoff")
     result["settings_swept"] = len(sweep_rows)
     if timing_inputs:
-        held = data.take(report_rows[:timing_inputs])
         chosen = [r for r in result["deebert"] + result["histograms"] if "params" in r]
         settings = list({(r["policy"], tuple(r["params"].items())): policies.make_policy(r["policy"], L, C, **r["params"])
                          for r in chosen}.values())
-        result["timing"] = wall_savings(model, held, settings)
+        result["timing"] = time_settings(report_rows[:timing_inputs], settings)
     np.save(out / "logits.npy", logits)
     if lte is not None:
         np.save(out / "lte.npy", lte)
@@ -223,6 +237,48 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
     plot_ensemble(result, swept(ensemble_labels(outputs)), out / "ensemble.png")
     (out / "tables.md").write_text(tables([result], command=command))
     return result
+
+
+# ---- the multi-exit ResNet (PCEE-BERT section 4.6.4) --------------------------------------------------
+def is_vision_run(path) -> bool:
+    return (Path(path) / "resnet_config.json").is_file()
+
+
+def vision_task(dataset: str, class_names) -> glue.Task:
+    """An image dataset in the shape the tables and metrics take a task: classes, accuracy."""
+    display = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(dataset, dataset)
+    return glue.Task(name=dataset, tsv_dir=display, text_features=(), tsv_text_columns=(), tsv_label_column="label",
+                     label_names=tuple(class_names), metric_names=("accuracy",), dev_splits=("test",))
+
+
+def analyze_vision(run_dir, out_dir, data_dir: str | None = None, timing_inputs: int = 200, command: str = "",
+                   split_seed: int = 0) -> dict:
+    """`analyze` for a `train/train_vision.py` run on its test split (the image datasets have no
+    dev split; the calibration and report halves are halves of test, as for GLUE dev)."""
+    from jaxexit import images, vision_infer
+    from jaxexit.checkpoint import read_json
+
+    run_dir = Path(run_dir)
+    model = vision_infer.VisionExitModel.from_run(run_dir)
+    cfg = read_json(run_dir / "train_config.json")
+    data_dir = data_dir or cfg.get("data_dir")
+    if data_dir:
+        pictures, labels, class_names = images.load_image_folder(data_dir, "test")
+        source = data_dir
+    else:
+        pictures, labels, class_names = images.load_tfds(cfg["dataset"], "test")
+        source = f"tfds {cfg['dataset']}"
+    if model.class_names and tuple(class_names) != model.class_names:
+        raise ValueError(f"{source}: classes {list(class_names)[:5]}... differ from the run's {list(model.class_names)[:5]}...")
+    task = vision_task(cfg["dataset"], class_names)
+    about = {"task": task.name, "tsv_dir": task.tsv_dir, "split": "test", "checkpoint": str(run_dir),
+             "scheme": "joint", "seed": cfg["seed"], "model": f"resnet{cfg['depth']}", "data": source}
+
+    def time_settings(rows, settings):
+        return wall_savings(model, pictures[rows], settings, vision_infer.run_full_latency, vision_infer.run_latency)
+
+    return report(task, vision_infer.cached_logits(model, pictures), np.asarray(labels), out_dir, about,
+                  time_settings, timing_inputs, command, split_seed)
 
 
 # ---- figures -----------------------------------------------------------------------------------------
@@ -449,7 +505,7 @@ def tables(analyses: list[dict], command: str = "") -> str:
     sizes = sorted({(a["tsv_dir"], a["split"], a["calibration_n"], a["report_n"], a["split_seed"]) for a in analyses})
     halves = "; ".join(f"{task} {split}: {c} calibration / {r} report inputs, split seed {seed}"
                        for task, split, c, r, seed in sizes)
-    out += ["Every threshold is chosen on the calibration half of dev (a seeded random half) and every "
+    out += ["Every threshold is chosen on the calibration half of dev (of test for images; a seeded random half) and every "
             f"score and saving below is measured on the other half, the report half ({halves}). "
             "Scores in points of the task's metric; cells are `score (saving %)`; `a ± b` is the mean and "
             "standard deviation over seeds.", ""]
@@ -480,15 +536,44 @@ def tables(analyses: list[dict], command: str = "") -> str:
         if coverage:
             out += [f"### PCEE-BERT Figure 8 form: which savings each policy reaches ({scheme} checkpoints, "
                     "whole dev)", ""] + coverage
+        depth = max(a["num_layers"] for runs in groups.values() for a in runs)
         out += [f"### Per-layer score ({scheme} checkpoints, whole dev)", "",
-                "| task (metric) | " + " | ".join(f"ramp {i + 1}" for i in range(analyses[0]["num_layers"])) + " |",
-                "|---|" + "---|" * analyses[0]["num_layers"]]
+                "| task (metric) | " + " | ".join(f"ramp {i + 1}" for i in range(depth)) + " |",
+                "|---|" + "---|" * depth]
         for task, runs in sorted(groups.items()):
             metric = runs[0]["metric"]
             cols = [_pts([a["per_layer"][i][metric] for a in runs]) for i in range(runs[0]["num_layers"])]
-            out.append(f"| {task} ({metric}) | " + " | ".join(cols) + " |")
+            out.append(f"| {task} ({metric}) | " + " | ".join(cols + [""] * (depth - len(cols))) + " |")
         out.append("")
+    out += _table3(analyses)
     return "\n".join(out)
+
+
+def _table3(analyses: list[dict]) -> list[str]:
+    """PCEE-BERT Table 3 form (its section 4.6.4): on a multi-exit ResNet, PABEE against PCEE at the
+    savings nearest 75%, 50% and 25%, beside the full network."""
+    runs = [a for a in analyses if str(a.get("model", "")).startswith("resnet")]
+    if not runs:
+        return []
+    targets = sorted(TARGET_SAVINGS, reverse=True)
+    out = ["### PCEE-BERT Table 3 form: PABEE against PCEE on the multi-exit ResNet", "",
+           "Test accuracy on the report half (thresholds chosen on the calibration half of test); cells are "
+           "`accuracy (saving %)`, the saving (PCEE-BERT's speed-up ratio) nearest the column's.", "",
+           "| dataset, model | full network | " + " | ".join(f"{p} ~{int(t * 100)}%" for t in targets
+                                                            for p in ("PABEE", "PCEE")) + " |",
+           "|---|---|" + "---|" * (2 * len(targets))]
+    for (task, model), group in sorted(_by(runs, lambda a: (a["tsv_dir"], a["model"])).items()):
+        cells = [_cell([next((r for r in a["pcee"] if r["policy"] == p and r["near_saving"] == t), None)
+                        for a in group]) for t in targets for p in ("pabee", "pcee")]
+        out.append(f"| {task}, {model} | {_pts([a['full_score_report'] for a in group])} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def _by(items, key) -> dict:
+    groups = defaultdict(list)
+    for item in items:
+        groups[key(item)].append(item)
+    return dict(groups)
 
 
 def runs_timed(analyses: list[dict]) -> int:

@@ -10,8 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxexit import hf_import, modeling
+from jax import lax
+
+from jaxexit import hf_import, modeling, policies
 from jaxexit.config import EncoderConfig
+from jaxexit.policies import Policy
 from jaxexit.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,10 @@ class EarlyExitModel:
         self.layer_step = jax.jit(functools.partial(modeling.layer_ramp_step, config))
         self.first_exit_step = jax.jit(functools.partial(modeling.first_exit_step, config))
         self.exit_step = jax.jit(functools.partial(modeling.exit_step, config))
+        # the pipelined latency path's steps (`runners.exit_one`): layer, ramp and the policy's step
+        decided = dict(static_argnames=("first_token", "last"))
+        self.decided_first_step = jax.jit(functools.partial(decided_first_step, config), **decided)
+        self.decided_step = jax.jit(functools.partial(decided_step, config), **decided)
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -229,6 +236,59 @@ class EarlyExitModel:
         if length > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {length} exceeds max_position_embeddings")
         return {k: jnp.asarray(batch[k], jnp.int32) for k in BATCH_KEYS}
+
+
+# ---- steps that decide: layer, ramp and the policy's step in one call (`runners.exit_one`) ----------
+def _decide(policy: Policy, num_layers: int, layer, z, state, chosen):
+    """The policy's step on ramp `layer`'s outputs, on the device: (state, done, chosen), `chosen`
+    taking the prediction's logits of the rows that exit here (every row at the last layer)."""
+    state, exits = policies.step(policy, state, z, layer, jnp)
+    done = exits | (layer == num_layers)
+    chosen = jnp.where(done[:, None], policies.output(policy, state, z, layer, jnp), chosen)
+    return state, jnp.all(done), chosen
+
+
+def decided_first_step(cfg, first_token: bool, last: bool, head, layer_p, ramp_p, batch, policy: Policy):
+    """Embeddings (`head`: `{"backbone": {"embeddings": ...}}`), layer 1, ramp 1 and the policy's
+    first step: (carry, bias, state, done, chosen). `first_token`: the first-token exit steps
+    (`modeling.first_exit_step`); `last`: the plain steps' last layer, computed at the first token
+    only (first-token ramps: nothing reads its other tokens, as in the dense model)."""
+    hidden, bias = modeling.embed(cfg, head, batch)
+    if first_token:
+        kv, z = modeling.first_token_exit(cfg, layer_p, ramp_p, hidden, bias)
+        carry = (hidden, kv)
+    elif last:
+        carry, z = hidden, modeling.first_token_exit(cfg, layer_p, ramp_p, hidden, bias)[1]
+    else:
+        carry, z = modeling.layer_ramp_step(cfg, layer_p, ramp_p, hidden, bias)
+    size = batch["input_ids"].shape[0]
+    state, done, chosen = _decide(policy, cfg.num_hidden_layers, 1, z, policies.init_state(policy, size, jnp),
+                                  jnp.zeros((size, cfg.num_labels), jnp.float32))
+    return carry, bias, state, done, chosen
+
+
+def decided_step(cfg, first_token: bool, last: bool, prev_p, layer_p, ramp_p, carry, bias, policy: Policy,
+                 state, done, chosen, layer):
+    """Layer `layer` (traced, 2..L), its ramp and the policy's step, or nothing once `done` (a
+    device flag the host has not read yet): (carry, state, done, chosen). One compiled step
+    serves every layer, plus one for `last` (see `decided_first_step`); `prev_p`: layer - 1's
+    parameters, which the first-token steps finish."""
+    def run(operands):
+        carry, state, chosen = operands
+        if first_token:
+            carry, z = modeling.exit_step(cfg, prev_p, layer_p, ramp_p, carry, bias)
+        elif last:
+            z = modeling.first_token_exit(cfg, layer_p, ramp_p, carry, bias)[1]
+        else:
+            carry, z = modeling.layer_ramp_step(cfg, layer_p, ramp_p, carry, bias)
+        state, now, chosen = _decide(policy, cfg.num_hidden_layers, layer, z, state, chosen)
+        return carry, state, now, chosen
+
+    def stay(operands):
+        carry, state, chosen = operands
+        return carry, state, done, chosen
+
+    return lax.cond(done, stay, run, (carry, state, chosen))
 
 
 def _dummy_batch():

@@ -379,7 +379,9 @@ def layer_ramp_step(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden,
 # It reads the layer's weights twice, though, which costs more than it saves on small batches
 # (`EarlyExitModel.first_token_steps`). Deterministic (inference) only; `layer_ramp_step` is the
 # plain step.
-def _first_token_exit(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden, bias):
+def first_token_exit(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden, bias):
+    """Layer i at the first token and ramp i: returns `(kv, logits [B, C])`, `kv` being layer i's
+    keys and values over every token (what finishing the layer needs)."""
     if cfg.ramp_input != "cls":
         raise ValueError(f"the first-token exit steps need ramp_input 'cls', not {cfg.ramp_input!r}")
     out, kv = Layer(cfg).apply({"params": layer_p}, hidden, bias, queries=hidden[:, :1], return_kv=True)
@@ -393,7 +395,7 @@ def first_exit_step(cfg: EncoderConfig, params: Params, batch: dict):
     `exit_step` needs to finish layer 1.
     """
     hidden, bias = embed(cfg, params, batch)
-    kv, logits = _first_token_exit(cfg, layer_params(cfg, params, 0), ramp_params(cfg, params, 0), hidden, bias)
+    kv, logits = first_token_exit(cfg, layer_params(cfg, params, 0), ramp_params(cfg, params, 0), hidden, bias)
     return (hidden, kv), bias, logits
 
 
@@ -402,5 +404,5 @@ def exit_step(cfg: EncoderConfig, prev_p: Params, layer_p: Params, ramp_p: Param
     token and ramp i. Returns `(carry, logits [B, C])`. One compiled step serves every layer."""
     hidden, kv = carry
     hidden = Layer(cfg).apply({"params": prev_p}, hidden, bias, kv=kv)
-    kv, logits = _first_token_exit(cfg, layer_p, ramp_p, hidden, bias)
+    kv, logits = first_token_exit(cfg, layer_p, ramp_p, hidden, bias)
     return (hidden, kv), logits

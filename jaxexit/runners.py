@@ -1,15 +1,18 @@
 """Early-exit inference runners. All four give the same exits for the same policy:
 
 * `run_latency`  (the papers' setting) one input at a time: the jitted first step (embeddings,
-  layer 1, ramp 1), then the jitted layer+ramp step (compiled once for every layer); the host
-  reads ramp i's logits and decides before dispatching layer i+1. Both are
-  `EarlyExitModel.ramp_steps`: a layer is computed at the first token for its ramp and finished
-  for the other tokens only when the input goes on (`modeling.exit_step`).
+  layer 1, ramp 1), then the jitted layer+ramp step (compiled once for every layer). By default
+  each step also runs the policy's step and returns the exit flag; the host queues layer i+1
+  before it reads ramp i's flag and stops when it is set, layer i+1 then doing nothing on the
+  device (`exit_one`, `EarlyExitModel.decided_step`). `pipelined=False`: the host reads ramp i's
+  logits and decides in numpy before dispatching layer i+1 (`EarlyExitModel.ramp_steps`). On
+  large batches a layer is computed at the first token for its ramp and finished for the other
+  tokens only when the input goes on (`modeling.exit_step`).
 * `run_batched`  many inputs: rows that exit leave the batch, the rest continue in a smaller
   bucketed batch (row counts are multiples of B/8, and powers of two below that, so at most
   8 + log2(B/8) row shapes compile per input length).
-* `run_on_device` the whole exit loop in one jitted `lax.while_loop` over stacked layer
-  parameters, the per-row exit state in the carry; the loop stops once every row has exited.
+* `run_on_device` the whole exit loop in one jitted `lax.while_loop` (`lax.switch` over the
+  layers), the per-row exit state in the carry; the loop stops once every row has exited.
 * `cached_logits` + `jaxexit.offline` one pass keeping every ramp's logits, then any policy.
 
 Each returns `Exits(exit_layer [N] 1-based, prediction [N], logits [N, C] of the exit ramp)`;
@@ -67,9 +70,18 @@ def _host(z):
     return jax.tree_util.tree_map(np.asarray, z)
 
 
-# ---- latency: batch 1, host decisions -----------------------------------------------------------
-def exit_one(model: EarlyExitModel, policy: Policy, batch: dict) -> tuple[int, np.ndarray]:
-    """One input (`batch` of one row): returns (exit layer, that ramp's logits [C])."""
+# ---- latency: batch 1 --------------------------------------------------------------------------------
+def exit_one(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: bool = True) -> tuple[int, np.ndarray]:
+    """One input (`batch` of one row): returns (exit layer, the prediction's logits [C]).
+
+    `pipelined` (the default): each jitted step runs its layer, its ramp and the policy's step and
+    returns the exit flag; the host queues layer i+1 before it reads ramp i's flag, and stops there
+    when the flag is set, while layer i+1, already queued, finds it set on the device and does
+    nothing (`lax.cond`). The device so never waits for the host's read and dispatch. Else the
+    DESIGN's literal form: the host reads ramp i's logits, steps the policy in numpy, and only then
+    dispatches layer i+1. Both give the same exits as every other mode."""
+    if pipelined:
+        return _exit_one_pipelined(model, policy, batch)
     state = policies.init_state(policy, 1)
     for layer, z in enumerate(model.ramp_steps(batch), start=1):
         z = _host(z)  # the host waits for ramp `layer` and decides before the next dispatch
@@ -78,24 +90,65 @@ def exit_one(model: EarlyExitModel, policy: Policy, batch: dict) -> tuple[int, n
             return layer, policies.output(policy, state, z, layer)[0]
 
 
-def run_latency(model: EarlyExitModel, policy: Policy, split: EncodedSplit, warmup: int = 2) -> Exits:
+def warm_latency(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: bool = True) -> None:
+    """Compile (and run) every step `exit_one` can take on `batch`'s shape with `policy`'s kind:
+    through the last layer, whatever the policy decides. Thresholds are arguments, so another
+    setting of the same policy compiles nothing new."""
+    if pipelined:
+        _exit_one_pipelined(model, policy, batch, stop=False)
+    else:
+        exit_one(model, policies.make_policy("static", model.num_layers, model.config.num_labels, k=model.num_layers),
+                 batch, pipelined=False)
+
+
+def _exit_one_pipelined(model: EarlyExitModel, policy: Policy, batch: dict, stop: bool = True):
+    cfg, L = model.config, model.num_layers
+    batch = model._check(batch)
+    first_token = model.first_token_steps(batch["input_ids"].shape)
+    head = {"backbone": {"embeddings": model.params["backbone"]["embeddings"]}}
+    last = lambda layer: layer == L and cfg.ramp_input == "cls" and not first_token  # noqa: E731
+    carry, bias, state, done, chosen = model.decided_first_step(first_token, last(1), head, model.layer_params(0),
+                                                                model.ramp_params(0), batch, policy)
+    for layer in range(2, L + 1):
+        decided = done
+        carry, state, done, chosen = model.decided_step(
+            first_token, last(layer), model.layer_params(layer - 2) if first_token else None,
+            model.layer_params(layer - 1), model.ramp_params(layer - 1), carry, bias, policy, state, decided, chosen,
+            np.int32(layer))
+        if stop and np.asarray(decided):  # ramp layer-1's flag, read while layer `layer` is queued behind it
+            return layer - 1, np.asarray(chosen)[0]
+    return L, np.asarray(chosen)[0]
+
+
+def run_latency(model: EarlyExitModel, policy: Policy, split: EncodedSplit, warmup: int = 2,
+                pipelined: bool = True) -> Exits:
+    """Every input of `split` through `exit_one`, one at a time (`pipelined`: see there)."""
+    return latency(model, policy, single_inputs(model, split), warmup, pipelined)
+
+
+def latency(model, policy: Policy, singles: list[dict], warmup: int = 2, pipelined: bool = True) -> Exits:
+    """`run_latency` over prepared one-row batches, for any model with `ramp_steps` (pipelined: an
+    `EarlyExitModel`; `jaxexit.vision` runs a ResNet through the host-decision form)."""
     _check(policy, model)
-    batches = single_inputs(model, split)
-    warm_up(lambda b: exit_one(model, policies.make_policy("static", model.num_layers, model.config.num_labels,
-                                                       k=model.num_layers), b), batches, warmup)
-    layers, logits = np.zeros(len(split), np.int64), np.zeros((len(split), model.config.num_labels), np.float32)
+    one = functools.partial(exit_one, model, pipelined=pipelined)
+    warm_up(lambda b: warm_latency(model, policy, b, pipelined), singles, warmup)
+    layers, logits = np.zeros(len(singles), np.int64), np.zeros((len(singles), model.config.num_labels), np.float32)
     start = time.perf_counter()
-    for i, batch in enumerate(batches):
-        layers[i], logits[i] = exit_one(model, policy, batch)
+    for i, batch in enumerate(singles):
+        layers[i], logits[i] = one(policy, batch)
     return _exits(layers, logits, time.perf_counter() - start)
 
 
 def run_full_latency(model: EarlyExitModel, split: EncodedSplit, warmup: int = 2) -> tuple[np.ndarray, float]:
     """The dense model (one compiled function, ramp L only), one input at a time: (logits, seconds)."""
-    batches = single_inputs(model, split)
-    warm_up(model.final_logits, batches, warmup)
+    return full_latency(model, single_inputs(model, split), warmup)
+
+
+def full_latency(model, singles: list[dict], warmup: int = 2) -> tuple[np.ndarray, float]:
+    """`run_full_latency` over prepared one-row batches."""
+    warm_up(model.final_logits, singles, warmup)
     start = time.perf_counter()
-    logits = np.concatenate([model.final_logits(b) for b in batches])
+    logits = np.concatenate([model.final_logits(b) for b in singles])
     return logits, time.perf_counter() - start
 
 
@@ -104,10 +157,18 @@ def warm_up(fn, batches: list[dict], warmup: int) -> None:
     compilation lands in a timed loop over them."""
     seen = {}
     for b in batches:
-        seen.setdefault(b["input_ids"].shape, b)
+        seen.setdefault(_shape(b), b)
     for b in seen.values():
         for _ in range(warmup):
             fn(b)
+
+
+def _shape(batch: dict) -> tuple:
+    return tuple(np.shape(v) for v in batch.values())
+
+
+def _rows(batch: dict) -> int:
+    return len(next(iter(batch.values())))
 
 
 def _exits(layers, logits, seconds) -> Exits:
@@ -138,7 +199,7 @@ def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int, ca
     dynamic batches, of any size up to `cap`). `on_exit(rows, layer, outputs)`, if given, hears of
     the rows (indices < `real`) that exit at each layer as soon as the next layer is dispatched, so
     a caller can answer them while the device computes the rest."""
-    size = batch["input_ids"].shape[0]
+    size = _rows(batch)
     cap = cap or size
     if size > cap:
         raise ValueError(f"a batch of {size} rows cannot shrink through the row buckets of {cap}")
@@ -175,16 +236,21 @@ def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int, ca
 
 def run_batched(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batch_size: int = 64,
                 warmup: int = 1) -> Exits:
+    return batched(model, policy, _chunks(model, split, batch_size), len(split), batch_size, warmup)
+
+
+def batched(model, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: int, batch_size: int,
+            warmup: int = 1) -> Exits:
+    """`run_batched` over prepared `(rows, batch)` chunks of `batch_size` rows covering `n` inputs."""
     _check(policy, model)
-    chunks = _chunks(model, split, batch_size)
     full = policies.make_policy("static", model.num_layers, model.config.num_labels, k=model.num_layers)
-    lengths = {b["input_ids"].shape[1]: b for _, b in chunks}
-    for n in row_buckets(batch_size):  # compile every row bucket at every input length met below
-        for b in lengths.values():
-            sub = {k: v[:n] for k, v in b.items()}
+    shapes = {_shape(b): b for _, b in chunks}
+    for size in row_buckets(batch_size):  # compile every row bucket at every input shape met below
+        for b in shapes.values():
+            sub = {k: v[:size] for k, v in b.items()}
             for _ in range(warmup):
-                exit_batch(model, full, sub, n)
-    layers, logits = np.zeros(len(split), np.int64), np.zeros((len(split), model.config.num_labels), np.float32)
+                exit_batch(model, full, sub, size)
+    layers, logits = np.zeros(n, np.int64), np.zeros((n, model.config.num_labels), np.float32)
     start = time.perf_counter()
     for rows, batch in chunks:
         layers[rows], logits[rows] = exit_batch(model, policy, batch, len(rows))
@@ -193,9 +259,13 @@ def run_batched(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batc
 
 def run_full_batched(model: EarlyExitModel, split: EncodedSplit, batch_size: int = 64, warmup: int = 1):
     """The dense model at the same batch size: (logits [N, C], seconds)."""
-    chunks = _chunks(model, split, batch_size)
+    return full_batched(model, _chunks(model, split, batch_size), len(split), warmup)
+
+
+def full_batched(model, chunks: list[tuple[np.ndarray, dict]], n: int, warmup: int = 1):
+    """`run_full_batched` over prepared chunks."""
     warm_up(model.final_logits, [b for _, b in chunks], warmup)
-    out = np.zeros((len(split), model.config.num_labels), np.float32)
+    out = np.zeros((n, model.config.num_labels), np.float32)
     start = time.perf_counter()
     for rows, batch in chunks:
         out[rows] = model.final_logits(batch)[: len(rows)]
@@ -203,12 +273,16 @@ def run_full_batched(model: EarlyExitModel, split: EncodedSplit, batch_size: int
 
 
 def _chunks(model, split, batch_size):
-    """Fixed-size batches in the split's order, the last one filled up by repeating its first row."""
+    return [(rows, _inputs(model, split, filled)) for rows, filled in chunk_indices(len(split), batch_size)]
+
+
+def chunk_indices(n: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`(rows, filled)` per fixed-size batch over `n` inputs in order: the rows it answers for, and
+    the `batch_size` input indices it holds (the last batch filled up by repeating its first row)."""
     out = []
-    for start in range(0, len(split), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(split)))
-        filled = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
-        out.append((rows, _inputs(model, split, filled)))
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        out.append((rows, np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])))
     return out
 
 
@@ -239,10 +313,7 @@ def device_exits(cfg, params, batch, policy: Policy, first_token: bool = False):
         return lax.switch(layer - 1, branches, carry)
 
     def decide(layer, z, state, exit_layer, chosen):  # layer: 1-based, traced
-        state, exits = policies.step(policy, state, z, layer, jnp)
-        fresh = (exits | (layer == L)) & (exit_layer == 0)
-        out = policies.output(policy, state, z, layer, jnp)
-        return state, jnp.where(fresh, layer, exit_layer), jnp.where(fresh[:, None], out, chosen)
+        return device_decide(policy, L, layer, z, state, exit_layer, chosen)
 
     def body(loop):
         layer, carry, state, exit_layer, chosen = loop  # `layer` ramps decided so far
@@ -260,14 +331,31 @@ def device_exits(cfg, params, batch, policy: Policy, first_token: bool = False):
     return exit_layer, chosen
 
 
+def device_decide(policy: Policy, num_layers: int, layer, z, state, exit_layer, chosen):
+    """The policy's step on ramp `layer` (1-based) inside a jitted exit loop: (state, exit_layer,
+    chosen), the rows exiting here (all that remain at the last layer) taking `layer` and their
+    prediction's outputs; rows that exited earlier keep theirs."""
+    state, exits = policies.step(policy, state, z, layer, jnp)
+    fresh = (exits | (layer == num_layers)) & (exit_layer == 0)
+    out = policies.output(policy, state, z, layer, jnp)
+    return state, jnp.where(fresh, layer, exit_layer), jnp.where(fresh[:, None], out, chosen)
+
+
 def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batch_size: int = 1,
                   warmup: int = 1) -> Exits:
-    _check(policy, model)
-    chunks = _chunks(model, split, batch_size)
     run = lambda b: device_exits(model.config, model.params, b, policy,  # noqa: E731
                                  first_token=model.first_token_steps(b["input_ids"].shape))
+    return on_device(model, policy, _chunks(model, split, batch_size), len(split), warmup, run)
+
+
+def on_device(model, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: int, warmup: int = 1,
+              run=None) -> Exits:
+    """`run_on_device` over prepared chunks; `run(batch) -> (exit_layer, logits)` defaults to
+    `model.device_exits(batch, policy)`."""
+    _check(policy, model)
+    run = run or (lambda b: model.device_exits(b, policy))
     warm_up(lambda b: jax.block_until_ready(run(b)), [b for _, b in chunks], warmup)
-    layers, logits = np.zeros(len(split), np.int64), np.zeros((len(split), model.config.num_labels), np.float32)
+    layers, logits = np.zeros(n, np.int64), np.zeros((n, model.config.num_labels), np.float32)
     start = time.perf_counter()
     for rows, batch in chunks:
         exit_layer, chosen = run(batch)
@@ -279,9 +367,14 @@ def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, ba
 def cached_logits(model: EarlyExitModel, split: EncodedSplit, batch_size: int = 64):
     """Every ramp's logits `[L, N, C]` through the same jitted early-exit steps the live runners use;
     on a model with a learning-to-exit module `RampOutputs(logits, lte [L, N])`."""
-    out = np.zeros((model.num_layers, len(split), model.config.num_labels), np.float32)
-    lte = np.zeros((model.num_layers, len(split)), np.float32) if model.config.lte else None
-    for rows, batch in _chunks(model, split, batch_size):
+    return all_outputs(model, _chunks(model, split, batch_size), len(split))
+
+
+def all_outputs(model, chunks: list[tuple[np.ndarray, dict]], n: int):
+    """`cached_logits` over prepared chunks covering `n` inputs."""
+    out = np.zeros((model.num_layers, n, model.config.num_labels), np.float32)
+    lte = np.zeros((model.num_layers, n), np.float32) if model.config.lte else None
+    for rows, batch in chunks:
         for layer, z in enumerate(model.ramp_steps(batch)):
             logits, u = policies.split_outputs(_host(z))
             out[layer, rows] = logits[: len(rows)]

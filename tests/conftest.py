@@ -65,13 +65,15 @@ def restore_logging():
 
 
 def every_live_mode(model, policy, split, batch_size: int):
-    """`(mode, Exits)` of every live runner on `split`, the first-token exit steps included."""
+    """`(mode, Exits)` of every live runner on `split`, the first-token exit steps included (in latency
+    mode: tests/test_runners.py, on one input length, as each policy kind compiles its own steps)."""
     from jaxexit import EarlyExitModel, runners
 
     first_token = EarlyExitModel(model.config, model.params, model.tokenizer)
     first_token.first_token_steps_from = 0  # every batch takes the first-token exit steps
     return [
         ("latency", runners.run_latency(model, policy, split, warmup=0)),
+        ("latency, host decisions", runners.run_latency(model, policy, split, warmup=0, pipelined=False)),
         ("batched", runners.run_batched(model, policy, split, batch_size=batch_size, warmup=0)),
         ("device-1", runners.run_on_device(model, policy, split, batch_size=1, warmup=0)),
         (f"device-{batch_size}", runners.run_on_device(model, policy, split, batch_size=batch_size, warmup=0)),

@@ -79,16 +79,51 @@ def test_every_mode_equals_the_offline_simulation(setup):
     assert len(spread) >= 4  # the settings really exit at different layers
 
 
-def test_latency_runner_compiles_its_layer_step_once(setup):
+def one_length(model, split, cached):
+    """The inputs of `split`'s most common length bucket (latency steps compile per length)."""
+    lengths = np.array([model.tokenizer.bucket_length(len(r)) for r in split.rows])
+    rows = np.flatnonzero(lengths == np.bincount(lengths).argmax())
+    return split.take(rows), cached[:, rows]
+
+
+def test_latency_on_the_first_token_steps_equals_the_offline_simulation(setup):
+    model, split, cached = setup
+    sub, _ = one_length(model, split, cached)
+    first_token = EarlyExitModel(model.config, model.params, model.tokenizer)
+    first_token.first_token_steps_from = 0
+    assert first_token.first_token_steps((1, 8))
+    want_logits = runners.cached_logits(first_token, sub, batch_size=8)
+    for name, params in settings(want_logits):
+        policy = _policy(model, name, params)
+        want = offline.evaluate(policy, want_logits)
+        result = runners.run_latency(first_token, policy, sub, warmup=0)
+        np.testing.assert_array_equal(result.exit_layer, want.exit_layer, err_msg=str(policy))
+        np.testing.assert_array_equal(result.prediction, want.prediction, err_msg=str(policy))
+    assert len(sub) >= 8
+
+
+def test_latency_runner_compiles_its_steps_once(setup):
     model, split, _ = setup
+    assert model.config.ramp_input == "cls"
+    lengths = {model.tokenizer.bucket_length(len(r)) for r in split.rows}
     fresh = EarlyExitModel(model.config, model.params, model.tokenizer)
-    lengths = {fresh.tokenizer.bucket_length(len(r)) for r in split.rows}
     runners.run_latency(fresh, _policy(fresh, "pcee", dict(patience=2, tau=0.5)), split, warmup=0)
-    # once per input length bucket, not per layer (batch 1 takes the plain layer step)
-    assert fresh.layer_step._cache_size() == fresh.embed_step._cache_size() == len(lengths)
-    assert fresh.exit_step._cache_size() == 0
-    one_bucket = [i for i, r in enumerate(split.rows) if fresh.tokenizer.bucket_length(len(r)) == min(lengths)]
-    again = EarlyExitModel(model.config, model.params, model.tokenizer)
-    sub = split.take(one_bucket)
-    runners.run_latency(again, _policy(again, "static", dict(k=6)), sub, warmup=0)
-    assert again.layer_step._cache_size() == 1
+    # per input length, not per layer: one step for layers 2..L-1 (batch 1 takes the plain layer
+    # step) and one for the last layer, which first-token ramps need at the first token only
+    assert fresh.decided_first_step._cache_size() == len(lengths)
+    assert fresh.decided_step._cache_size() == 2 * len(lengths)
+    runners.run_latency(fresh, _policy(fresh, "pcee", dict(patience=3, tau=0.2)), split, warmup=0)
+    assert fresh.decided_step._cache_size() == 2 * len(lengths)  # thresholds are arguments: nothing new
+    assert fresh.layer_step._cache_size() == fresh.exit_step._cache_size() == 0
+    # mean-pooled ramps read every token of the last layer: no step of its own
+    sub, _ = one_length(model, split, np.zeros((model.num_layers, len(split), 2)))
+    mean = EarlyExitModel(model.config.replace(ramp_input="mean"), model.params, model.tokenizer)
+    runners.run_latency(mean, _policy(mean, "static", dict(k=6)), sub, warmup=0)
+    assert mean.decided_first_step._cache_size() == mean.decided_step._cache_size() == 1
+    # the host-decision form: the plain layer step, whatever the policy
+    host = EarlyExitModel(model.config, model.params, model.tokenizer)
+    for params in (dict(patience=2, tau=0.5), dict(patience=1, tau=0.1)):
+        runners.run_latency(host, _policy(host, "pcee", params), sub, warmup=0, pipelined=False)
+    runners.run_latency(host, _policy(host, "static", dict(k=3)), sub, warmup=0, pipelined=False)
+    assert host.layer_step._cache_size() == host.embed_step._cache_size() == 1
+    assert host.decided_step._cache_size() == 0
