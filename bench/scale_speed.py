@@ -60,12 +60,12 @@ def static(model: EarlyExitModel, k: int) -> policies.Policy:
     return policies.make_policy("static", model.num_layers, 2, k=k)
 
 
-def paired(fns: dict, items: list, rounds: int) -> dict[str, list[float]]:
+def paired(fns: dict, items: list, rounds: int, first_round: int = 0) -> dict[str, list[float]]:
     """Per round, the total seconds of each function over `items`, the functions alternated in a
     rotating order input by input (so that the machine's drift hits each alike)."""
     names = list(fns)
     totals = {name: [] for name in names}
-    for r in range(rounds):
+    for r in range(first_round, first_round + rounds):
         acc = dict.fromkeys(names, 0.0)
         for i, item in enumerate(items):
             shift = (i + r) % len(names)
@@ -165,13 +165,20 @@ def measure(model: EarlyExitModel, length: int, ks: list[int], mix: np.ndarray |
                "latency": lambda item: runners.exit_one(model, at[item[1]], item[0]),
                "latency_host": lambda item: runners.exit_one(model, at[item[1]], item[0], pipelined=False),
                "device": device}
-        for a, run in torch_runs.items():
-            if run is not None:
-                fns[f"torch_{a}"] = lambda item, run=run: run(item[0], item[1])
+        torch_fns = {f"torch_{a}": (lambda item, run=run: run(item[0], item[1]))
+                     for a, run in torch_runs.items() if run is not None}
         for pipelined in (True, False):  # every step either latency form can take (static policies share them)
             runners.warm_latency(model, at[L], singles[0], pipelined)
         paired(fns, items[:2], 1)  # compile and warm every path
-        totals = paired(fns, items, args.rounds)
+        paired(torch_fns, items[:2], 1)
+        totals = {n: [] for n in [*fns, *torch_fns]}
+        for r in range(args.rounds):
+            # PyTorch's OpenMP threads spin for a while after each call and would slow whatever JAX call
+            # came next: its loops run in a block of their own each round, after the JAX block.
+            for group in (fns, torch_fns):
+                for n, t in paired(group, items, 1, first_round=r).items():
+                    totals[n] += t
+                time.sleep(0.5)
         med = {n: float(np.median(t)) for n, t in totals.items()}
         ratio = lambda mode: [1 - e / d for e, d in zip(totals[mode], totals["dense"])]  # noqa: E731
         row = {"setting": name, "length": length, "saving": saving, "inputs": len(items), "rounds": args.rounds,
@@ -220,7 +227,7 @@ def main():
         results[scale] = [r for length in args.lengths for r in measure(model, length, ks, mix_layers, args)]
 
     lines = [f"Batch-1 inputs: {args.inputs} random-token inputs per setting, {args.rounds} rounds, every mode "
-             "alternated input by input; medians over rounds. `ws/s` = wall_saving / saving. Latency: pipelined "
+             "alternated input by input (the PyTorch loops in a block of their own after the JAX modes each round); medians over rounds. `ws/s` = wall_saving / saving. Latency: pipelined "
              "(the default: policy on the device, layer i+1 queued before ramp i's flag is read); host decisions: "
              "the host reads each ramp's logits and decides before the next dispatch. Batched: batch "
              f"{args.batch_size}, every row exiting at k, throughput over the dense model's and over the ideal "

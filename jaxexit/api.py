@@ -38,13 +38,15 @@ def _take_rows(tree, rows):  # one compile per number of rows kept
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _final(cfg: EncoderConfig, params, batch):
-    """The dense model without exits: every layer, then ramp L only (the speed baseline)."""
-    module = modeling.MultiExitEncoder(cfg)
-    hidden = module.apply({"params": {"backbone": params["backbone"]}}, batch["input_ids"], batch["token_type_ids"],
-                          batch["attention_mask"], method="encode")
-    last = cfg.num_hidden_layers - 1
-    features = modeling.ramp_input(cfg, hidden[-1], modeling.attention_bias(batch["attention_mask"]))
-    return modeling.Ramp(cfg).apply({"params": modeling.ramp_params(cfg, params, last)}, features)
+    """The dense model without exits: every layer, then ramp L only (the speed baseline). Layer by
+    layer rather than through the encoder module, whose stacking of every layer's states made the
+    baseline ~9% slower (MiniLM, batch 1, 32 tokens: 7.7 against 7.0 ms) and early exit look better."""
+    hidden, bias = modeling.embed(cfg, params, batch)
+    for i in range(cfg.num_hidden_layers):
+        hidden = modeling.Layer(cfg).apply({"params": modeling.layer_params(cfg, params, i)}, hidden, bias)
+    features = modeling.ramp_input(cfg, hidden, bias)
+    ramp = modeling.ramp_params(cfg, params, cfg.num_hidden_layers - 1)
+    return modeling.Ramp(cfg).apply({"params": {"pooler": ramp["pooler"], "classifier": ramp["classifier"]}}, features)
 
 
 def init_ramps(cfg: EncoderConfig, rng: jax.Array, pooler: dict | None = None) -> dict:

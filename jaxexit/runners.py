@@ -128,7 +128,7 @@ def run_latency(model: EarlyExitModel, policy: Policy, split: EncodedSplit, warm
 
 def latency(model, policy: Policy, singles: list[dict], warmup: int = 2, pipelined: bool = True) -> Exits:
     """`run_latency` over prepared one-row batches, for any model with `ramp_steps` (pipelined: an
-    `EarlyExitModel`; `jaxexit.vision` runs a ResNet through the host-decision form)."""
+    `EarlyExitModel`; `jaxexit.vision_infer` runs a ResNet through the host-decision form)."""
     _check(policy, model)
     one = functools.partial(exit_one, model, pipelined=pipelined)
     warm_up(lambda b: warm_latency(model, policy, b, pipelined), singles, warmup)
@@ -234,6 +234,27 @@ def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int, ca
     return layers[:real], logits[:real]
 
 
+def warm_exit_batch(model, batch: dict, cap: int, warmup: int = 1) -> int:
+    """Compile every shape `exit_batch(..., cap=cap)` can run a batch shaped like `batch` (at least
+    `cap` rows) through: each row bucket of `cap` over every layer, and each take of rows from a
+    bucket into one no larger (a shrink, or the same size when a filler row replaces an exited
+    one), so that none compiles in a timed run or a served request. Returns how many ran."""
+    full = policies.make_policy("static", model.num_layers, model.config.num_labels, k=model.num_layers)
+    sizes = row_buckets(cap)
+    shapes = 0
+    for size in sizes:
+        sub = {k: v[:size] for k, v in batch.items()}
+        for _ in range(warmup):
+            exit_batch(model, full, sub, size, cap=cap)
+        for kept in (s for s in sizes if s <= size):
+            steps = model.ramp_steps(sub)
+            next(steps)
+            jax.block_until_ready(steps.send(np.arange(kept, dtype=np.int32)))
+            steps.close()
+        shapes += 1 + sum(s <= size for s in sizes)
+    return shapes
+
+
 def run_batched(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batch_size: int = 64,
                 warmup: int = 1) -> Exits:
     return batched(model, policy, _chunks(model, split, batch_size), len(split), batch_size, warmup)
@@ -243,13 +264,9 @@ def batched(model, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: int
             warmup: int = 1) -> Exits:
     """`run_batched` over prepared `(rows, batch)` chunks of `batch_size` rows covering `n` inputs."""
     _check(policy, model)
-    full = policies.make_policy("static", model.num_layers, model.config.num_labels, k=model.num_layers)
-    shapes = {_shape(b): b for _, b in chunks}
-    for size in row_buckets(batch_size):  # compile every row bucket at every input shape met below
-        for b in shapes.values():
-            sub = {k: v[:size] for k, v in b.items()}
-            for _ in range(warmup):
-                exit_batch(model, full, sub, size)
+    if warmup:
+        for b in {_shape(b): b for _, b in chunks}.values():  # every input shape met below
+            warm_exit_batch(model, b, batch_size, warmup)
     layers, logits = np.zeros(n, np.int64), np.zeros((n, model.config.num_labels), np.float32)
     start = time.perf_counter()
     for rows, batch in chunks:

@@ -309,21 +309,11 @@ class Engine:
         row replaces an exited one). Returns how many shapes ran."""
         model = self.model
         lengths = lengths or list(model.tokenizer.buckets)
-        full = policies.make_policy("static", model.num_layers, model.config.num_labels, k=model.num_layers)
-        sizes = runners.row_buckets(self.max_batch)
         shapes = 0
         for length in lengths:
-            for size in sizes:
-                rows = [[model.tokenizer.pad_token_id] * length] * size
-                runners.exit_batch(model, full, model.tokenizer.pad(rows, [[0] * length] * size, length=length), size,
-                                   cap=self.max_batch)
-                shapes += 1
-                for kept in (s for s in sizes if s <= size):  # the row takes exit_batch can ask for
-                    steps = model.ramp_steps(model.tokenizer.pad(rows, [[0] * length] * size, length=length))
-                    next(steps)
-                    jax.block_until_ready(steps.send(np.arange(kept, dtype=np.int32)))
-                    steps.close()
-                    shapes += 1
+            rows = [[model.tokenizer.pad_token_id] * length] * self.max_batch
+            batch = model.tokenizer.pad(rows, [[0] * length] * self.max_batch, length=length)
+            shapes += runners.warm_exit_batch(model, batch, self.max_batch)
         return shapes
 
 
