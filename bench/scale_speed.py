@@ -9,7 +9,8 @@ static exits at 1/3, 1/2, 2/3 and all of the layers, and with the exit distribut
 setting (pcee nearest 40% saving on the SST-2 checkpoint given by --checkpoint, layers scaled to L):
 
 * latency mode, batch 1: early exit (`runners.exit_one`, pipelined with the decisions on the device,
-  and with host decisions) against the dense model compiled as one function, input by input in
+  a call per layer (`head_layers=1`: every layer decided on, as for a policy that can exit at any
+  layer), and with host decisions) against the dense model compiled as one function, input by input in
   alternating order -> `wall_saving / saving`;
 * on-device mode, batch 1 (`runners.device_exits`, one `lax.while_loop`) -> `wall_saving / saving`;
 * batched mode, batch --batch-size: throughput against the dense model -> its ratio to the ideal
@@ -162,13 +163,15 @@ def measure(model: EarlyExitModel, length: int, ks: list[int], mix: np.ndarray |
             jax.block_until_ready(runners.device_exits(model.config, model.params, b, at[k]))
 
         fns = {"dense": lambda item: model.final_logits(item[0]),
-               "latency": lambda item: runners.exit_one(model, at[item[1]], item[0]),
+               # head_layers=1: a call per layer, every layer decided on, as for a policy that can
+               # exit anywhere (a static policy's own default runs its k layers as one call)
+               "latency": lambda item: runners.exit_one(model, at[item[1]], item[0], head_layers=1),
                "latency_host": lambda item: runners.exit_one(model, at[item[1]], item[0], pipelined=False),
                "device": device}
         torch_fns = {f"torch_{a}": (lambda item, run=run: run(item[0], item[1]))
                      for a, run in torch_runs.items() if run is not None}
         for pipelined in (True, False):  # every step either latency form can take (static policies share them)
-            runners.warm_latency(model, at[L], singles[0], pipelined)
+            runners.warm_latency(model, at[L], singles[0], pipelined, head_layers=1 if pipelined else None)
         paired(fns, items[:2], 1)  # compile and warm every path
         paired(torch_fns, items[:2], 1)
         totals = {n: [] for n in [*fns, *torch_fns]}

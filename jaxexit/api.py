@@ -103,7 +103,7 @@ class EarlyExitModel:
         self.exit_step = jax.jit(functools.partial(modeling.exit_step, config))
         # the pipelined latency path's steps (`runners.exit_one`): layer, ramp and the policy's step
         decided = dict(static_argnames=("first_token", "last"))
-        self.decided_first_step = jax.jit(functools.partial(decided_first_step, config), **decided)
+        self.decided_head_step = jax.jit(functools.partial(decided_head_step, config), **decided)
         self.decided_step = jax.jit(functools.partial(decided_step, config), **decided)
 
     # ---- construction ------------------------------------------------------------------------
@@ -242,38 +242,50 @@ class EarlyExitModel:
 
 # ---- steps that decide: layer, ramp and the policy's step in one call (`runners.exit_one`) ----------
 def _decide(policy: Policy, num_layers: int, layer, z, state, chosen):
-    """The policy's step on ramp `layer`'s outputs, on the device: (state, done, chosen), `chosen`
-    taking the prediction's logits of the rows that exit here (every row at the last layer)."""
-    state, exits = policies.step(policy, state, z, layer, jnp)
-    done = exits | (layer == num_layers)
-    chosen = jnp.where(done[:, None], policies.output(policy, state, z, layer, jnp), chosen)
-    return state, jnp.all(done), chosen
+    """`policies.device_decide` for a batch none of whose rows has exited: (state, done, chosen),
+    `done` once every row exits here."""
+    exit_layer = jnp.zeros(chosen.shape[0], jnp.int32)
+    state, exit_layer, chosen = policies.device_decide(policy, num_layers, layer, z, state, exit_layer, chosen)
+    return state, jnp.all(exit_layer > 0), chosen
 
 
-def decided_first_step(cfg, first_token: bool, last: bool, head, layer_p, ramp_p, batch, policy: Policy):
-    """Embeddings (`head`: `{"backbone": {"embeddings": ...}}`), layer 1, ramp 1 and the policy's
-    first step: (carry, bias, state, done, chosen). `first_token`: the first-token exit steps
-    (`modeling.first_exit_step`); `last`: the plain steps' last layer, computed at the first token
-    only (first-token ramps: nothing reads its other tokens, as in the dense model)."""
+def decided_head_step(cfg, first_token: bool, last: bool, head, layers_p: tuple, ramps_p: tuple, batch,
+                      policy: Policy):
+    """Embeddings (`head`: `{"backbone": {"embeddings": ...}}`) and layers 1..m (m = `len(layers_p)`,
+    at most `policies.earliest_exit(policy)`: no row can exit before layer m), with the policy's
+    steps on the ramps its state reads (`ramps_p[i]`; None for a ramp nothing reads) and on ramp m:
+    (carry, bias, state, done, chosen). One call instead of m: each call costs the CPU ~0.25 ms
+    beyond its layer. `first_token`: layer m by the first-token exit steps
+    (`modeling.first_exit_step`), the carry holding its input and keys/values; `last`: the plain
+    steps' last layer, computed at the first token only (first-token ramps: nothing reads its other
+    tokens, as in the dense model)."""
+    L, m = cfg.num_hidden_layers, len(layers_p)
     hidden, bias = modeling.embed(cfg, head, batch)
+    size = batch["input_ids"].shape[0]
+    state = policies.init_state(policy, size, jnp)
+    exit_layer, chosen = jnp.zeros(size, jnp.int32), jnp.zeros((size, cfg.num_labels), jnp.float32)
+    for i in range(m - 1):
+        if ramps_p[i] is None:
+            hidden = modeling.Layer(cfg).apply({"params": layers_p[i]}, hidden, bias)
+        else:
+            hidden, z = modeling.layer_ramp_step(cfg, layers_p[i], ramps_p[i], hidden, bias)
+            state, exit_layer, chosen = policies.device_decide(policy, L, i + 1, z, state, exit_layer, chosen)
     if first_token:
-        kv, z = modeling.first_token_exit(cfg, layer_p, ramp_p, hidden, bias)
+        kv, z = modeling.first_token_exit(cfg, layers_p[-1], ramps_p[-1], hidden, bias)
         carry = (hidden, kv)
     elif last:
-        carry, z = hidden, modeling.first_token_exit(cfg, layer_p, ramp_p, hidden, bias)[1]
+        carry, z = hidden, modeling.first_token_exit(cfg, layers_p[-1], ramps_p[-1], hidden, bias)[1]
     else:
-        carry, z = modeling.layer_ramp_step(cfg, layer_p, ramp_p, hidden, bias)
-    size = batch["input_ids"].shape[0]
-    state, done, chosen = _decide(policy, cfg.num_hidden_layers, 1, z, policies.init_state(policy, size, jnp),
-                                  jnp.zeros((size, cfg.num_labels), jnp.float32))
-    return carry, bias, state, done, chosen
+        carry, z = modeling.layer_ramp_step(cfg, layers_p[-1], ramps_p[-1], hidden, bias)
+    state, exit_layer, chosen = policies.device_decide(policy, L, m, z, state, exit_layer, chosen)
+    return carry, bias, state, jnp.all(exit_layer > 0), chosen
 
 
 def decided_step(cfg, first_token: bool, last: bool, prev_p, layer_p, ramp_p, carry, bias, policy: Policy,
                  state, done, chosen, layer):
     """Layer `layer` (traced, 2..L), its ramp and the policy's step, or nothing once `done` (a
     device flag the host has not read yet): (carry, state, done, chosen). One compiled step
-    serves every layer, plus one for `last` (see `decided_first_step`); `prev_p`: layer - 1's
+    serves every layer, plus one for `last` (see `decided_head_step`); `prev_p`: layer - 1's
     parameters, which the first-token steps finish."""
     def run(operands):
         carry, state, chosen = operands

@@ -449,6 +449,32 @@ def output(policy: Policy, state: State, outputs, layer, xp=np):
     return state["ens"] / xp.asarray(layer, xp.float32)
 
 
+def earliest_exit(policy: Policy) -> int:
+    """The first layer at which `policy` can exit a row (the last layer at most): pcee needs
+    `patience` confident layers in a row, pabee `patience` agreements, the first at layer 2; static
+    exits at `k`; the others can exit at layer 1. The pipelined latency runner runs the layers
+    before it in one call, since no decision can be taken there."""
+    first = {"pcee": lambda: policy["patience"], "pabee": lambda: policy["patience"] + 1,
+             "static": lambda: policy["k"]}.get(policy.name, lambda: 1)()
+    return min(int(first), policy.num_layers)
+
+
+def reads_every_ramp(policy: Policy) -> bool:
+    """Whether `policy`'s state reads every ramp (pcee's counter, pabee's previous prediction,
+    the ensemble's sum), so that ramps before `earliest_exit` must still run."""
+    return bool(init_state(policy, 1))
+
+
+def device_decide(policy: Policy, num_layers: int, layer, z, state, exit_layer, chosen):
+    """`step` on ramp `layer` (1-based) inside a jitted exit loop: (state, exit_layer, chosen), the
+    rows exiting here (all that remain at the last layer) taking `layer` and their prediction's
+    outputs (`output`); rows that exited earlier (`exit_layer > 0`) keep theirs."""
+    state, exits = step(policy, state, z, layer, jnp)
+    fresh = (exits | (layer == num_layers)) & (exit_layer == 0)
+    out = output(policy, state, z, layer, jnp)
+    return state, jnp.where(fresh, layer, exit_layer), jnp.where(fresh[:, None], out, chosen)
+
+
 def first_exit(exit_layer, exits, layer, xp=np):
     """Record `layer` for rows exiting now that had not exited (`exit_layer == 0`) before."""
     return xp.where((exit_layer == 0) & exits, layer, exit_layer)

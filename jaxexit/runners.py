@@ -1,7 +1,8 @@
 """Early-exit inference runners. All four give the same exits for the same policy:
 
 * `run_latency`  (the papers' setting) one input at a time: the jitted first step (embeddings,
-  layer 1, ramp 1), then the jitted layer+ramp step (compiled once for every layer). By default
+  and the layers before the first at which the policy can exit, with their ramps), then the
+  jitted layer+ramp step (compiled once for every layer). By default
   each step also runs the policy's step and returns the exit flag; the host queues layer i+1
   before it reads ramp i's flag and stops when it is set, layer i+1 then doing nothing on the
   device (`exit_one`, `EarlyExitModel.decided_step`). `pipelined=False`: the host reads ramp i's
@@ -71,17 +72,20 @@ def _host(z):
 
 
 # ---- latency: batch 1 --------------------------------------------------------------------------------
-def exit_one(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: bool = True) -> tuple[int, np.ndarray]:
+def exit_one(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: bool = True,
+             head_layers: int | None = None) -> tuple[int, np.ndarray]:
     """One input (`batch` of one row): returns (exit layer, the prediction's logits [C]).
 
     `pipelined` (the default): each jitted step runs its layer, its ramp and the policy's step and
     returns the exit flag; the host queues layer i+1 before it reads ramp i's flag, and stops there
     when the flag is set, while layer i+1, already queued, finds it set on the device and does
-    nothing (`lax.cond`). The device so never waits for the host's read and dispatch. Else the
+    nothing (`lax.cond`). The device so never waits for the host's read and dispatch. The first
+    call runs layers 1..`head_layers` (default `policies.earliest_exit(policy)`: pcee with patience
+    p cannot exit before layer p, so its first p layers take one call; 1: a call per layer). Else the
     DESIGN's literal form: the host reads ramp i's logits, steps the policy in numpy, and only then
     dispatches layer i+1. Both give the same exits as every other mode."""
     if pipelined:
-        return _exit_one_pipelined(model, policy, batch)
+        return _exit_one_pipelined(model, policy, batch, True, _head(policy, head_layers))
     state = policies.init_state(policy, 1)
     for layer, z in enumerate(model.ramp_steps(batch), start=1):
         z = _host(z)  # the host waits for ramp `layer` and decides before the next dispatch
@@ -90,26 +94,41 @@ def exit_one(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: bool
             return layer, policies.output(policy, state, z, layer)[0]
 
 
-def warm_latency(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: bool = True) -> None:
+def _head(policy: Policy, head_layers: int | None) -> int:
+    first = policies.earliest_exit(policy)
+    if head_layers is None:
+        return first
+    if not 1 <= head_layers <= first:
+        raise ValueError(f"head_layers must be in 1..{first} for {policy} (it can exit at layer {first}), "
+                         f"got {head_layers}")
+    return head_layers
+
+
+def warm_latency(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: bool = True,
+                 head_layers: int | None = None) -> None:
     """Compile (and run) every step `exit_one` can take on `batch`'s shape with `policy`'s kind:
     through the last layer, whatever the policy decides. Thresholds are arguments, so another
-    setting of the same policy compiles nothing new."""
+    setting of the same policy compiles nothing new (but pipelined, another `earliest_exit`, e.g.
+    another patience, compiles its own first call)."""
     if pipelined:
-        _exit_one_pipelined(model, policy, batch, stop=False)
+        _exit_one_pipelined(model, policy, batch, False, _head(policy, head_layers))
     else:
         exit_one(model, policies.make_policy("static", model.num_layers, model.config.num_labels, k=model.num_layers),
                  batch, pipelined=False)
 
 
-def _exit_one_pipelined(model: EarlyExitModel, policy: Policy, batch: dict, stop: bool = True):
+def _exit_one_pipelined(model: EarlyExitModel, policy: Policy, batch: dict, stop: bool, head_layers: int):
     cfg, L = model.config, model.num_layers
     batch = model._check(batch)
     first_token = model.first_token_steps(batch["input_ids"].shape)
-    head = {"backbone": {"embeddings": model.params["backbone"]["embeddings"]}}
+    embeddings = {"backbone": {"embeddings": model.params["backbone"]["embeddings"]}}
     last = lambda layer: layer == L and cfg.ramp_input == "cls" and not first_token  # noqa: E731
-    carry, bias, state, done, chosen = model.decided_first_step(first_token, last(1), head, model.layer_params(0),
-                                                                model.ramp_params(0), batch, policy)
-    for layer in range(2, L + 1):
+    m = head_layers  # no exit can happen before layer m: one call
+    every = policies.reads_every_ramp(policy)
+    ramps = tuple(model.ramp_params(i) if every or i == m - 1 else None for i in range(m))
+    carry, bias, state, done, chosen = model.decided_head_step(
+        first_token, last(m), embeddings, tuple(model.layer_params(i) for i in range(m)), ramps, batch, policy)
+    for layer in range(m + 1, L + 1):
         decided = done
         carry, state, done, chosen = model.decided_step(
             first_token, last(layer), model.layer_params(layer - 2) if first_token else None,
@@ -330,7 +349,7 @@ def device_exits(cfg, params, batch, policy: Policy, first_token: bool = False):
         return lax.switch(layer - 1, branches, carry)
 
     def decide(layer, z, state, exit_layer, chosen):  # layer: 1-based, traced
-        return device_decide(policy, L, layer, z, state, exit_layer, chosen)
+        return policies.device_decide(policy, L, layer, z, state, exit_layer, chosen)
 
     def body(loop):
         layer, carry, state, exit_layer, chosen = loop  # `layer` ramps decided so far
@@ -346,16 +365,6 @@ def device_exits(cfg, params, batch, policy: Policy, first_token: bool = False):
                                        jnp.zeros(size, jnp.int32), jnp.zeros((size, cfg.num_labels), jnp.float32))
     _, _, _, exit_layer, chosen = lax.while_loop(cond, body, (jnp.int32(1), carry, state, exit_layer, chosen))
     return exit_layer, chosen
-
-
-def device_decide(policy: Policy, num_layers: int, layer, z, state, exit_layer, chosen):
-    """The policy's step on ramp `layer` (1-based) inside a jitted exit loop: (state, exit_layer,
-    chosen), the rows exiting here (all that remain at the last layer) taking `layer` and their
-    prediction's outputs; rows that exited earlier keep theirs."""
-    state, exits = policies.step(policy, state, z, layer, jnp)
-    fresh = (exits | (layer == num_layers)) & (exit_layer == 0)
-    out = policies.output(policy, state, z, layer, jnp)
-    return state, jnp.where(fresh, layer, exit_layer), jnp.where(fresh[:, None], out, chosen)
 
 
 def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batch_size: int = 1,

@@ -128,7 +128,7 @@ def _device_exits(cfg: ResNetConfig, variables: Variables, pictures, policy: Pol
         def run(operands, layer=layer):
             h, state, exit_layer, chosen = operands
             h, z = resnet.block_step(cfg, variables, layer, h)
-            return (h, *runners.device_decide(policy, L, jnp.int32(layer + 1), z, state, exit_layer, chosen))
+            return (h, *policies.device_decide(policy, L, jnp.int32(layer + 1), z, state, exit_layer, chosen))
 
         def skip(operands, after=after):  # every row has exited: the block is not computed
             _, state, exit_layer, chosen = operands

@@ -64,20 +64,26 @@ def restore_logging():
     logging.captureWarnings(False)
 
 
-def every_live_mode(model, policy, split, batch_size: int):
+def every_live_mode(model, policy, split, batch_size: int, modes: tuple[str, ...] | None = None):
     """`(mode, Exits)` of every live runner on `split`, the first-token exit steps included (in latency
-    mode: tests/test_runners.py, on one input length, as each policy kind compiles its own steps)."""
+    mode: tests/test_runners.py, on one input length, as each policy kind compiles its own steps).
+    `modes`: only these (names as returned; `device-B` for the batch size given)."""
     from jaxexit import EarlyExitModel, runners
 
     first_token = EarlyExitModel(model.config, model.params, model.tokenizer)
     first_token.first_token_steps_from = 0  # every batch takes the first-token exit steps
-    return [
-        ("latency", runners.run_latency(model, policy, split, warmup=0)),
-        ("latency, host decisions", runners.run_latency(model, policy, split, warmup=0, pipelined=False)),
-        ("batched", runners.run_batched(model, policy, split, batch_size=batch_size, warmup=0)),
-        ("device-1", runners.run_on_device(model, policy, split, batch_size=1, warmup=0)),
-        (f"device-{batch_size}", runners.run_on_device(model, policy, split, batch_size=batch_size, warmup=0)),
-        ("batched, first-token steps", runners.run_batched(first_token, policy, split, batch_size=batch_size, warmup=0)),
-        (f"device-{batch_size}, first-token steps",
-         runners.run_on_device(first_token, policy, split, batch_size=batch_size, warmup=0)),
-    ]
+    runs = {
+        "latency": lambda: runners.run_latency(model, policy, split, warmup=0),
+        "latency, host decisions": lambda: runners.run_latency(model, policy, split, warmup=0, pipelined=False),
+        "batched": lambda: runners.run_batched(model, policy, split, batch_size=batch_size, warmup=0),
+        "device-1": lambda: runners.run_on_device(model, policy, split, batch_size=1, warmup=0),
+        f"device-{batch_size}": lambda: runners.run_on_device(model, policy, split, batch_size=batch_size, warmup=0),
+        "batched, first-token steps": lambda: runners.run_batched(first_token, policy, split, batch_size=batch_size,
+                                                                  warmup=0),
+        f"device-{batch_size}, first-token steps":
+            lambda: runners.run_on_device(first_token, policy, split, batch_size=batch_size, warmup=0),
+    }
+    unknown = set(modes or ()) - set(runs)
+    if unknown:
+        raise ValueError(f"no live mode {sorted(unknown)}; there are {list(runs)}")
+    return [(mode, run()) for mode, run in runs.items() if modes is None or mode in modes]

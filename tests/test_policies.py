@@ -200,6 +200,19 @@ def test_static_exits_everyone_at_k(k):
     np.testing.assert_array_equal(pred, random_logits(L=5)[k - 1].argmax(-1))
 
 
+@pytest.mark.parametrize("name, params", SETTINGS + [("pcee", dict(patience=9, tau=0.5)), ("static", dict(k=6))])
+def test_earliest_exit_is_the_first_layer_any_row_can_exit_at(name, params):
+    # the pipelined latency runner runs the layers before it in one call: a bound that is never
+    # beaten on any logits, and reached by rows confident and unchanged from layer 1 on
+    policy = make_policy(name, 6, 3, **params)
+    first = P.earliest_exit(policy)
+    for seed in range(3):
+        assert P.simulate(policy, random_logits(seed=seed))[0].min() >= first
+    sure = one_row(*[[0.0, 0.0, 12.0]] * 6)
+    assert P.simulate(policy, sure)[0].tolist() == [first]
+    assert P.reads_every_ramp(policy) == (policy.name in ("pcee", "pabee") or policy.ensemble)
+
+
 @pytest.mark.parametrize("name, params", SETTINGS + [("pcee", dict(patience=1, tau=1.0)), ("maxprob", dict(t=0.0))])
 def test_no_exit_fires_at_last_layer(name, params):
     policy = make_policy(name, 6, 3, **params)

@@ -108,22 +108,41 @@ def test_latency_runner_compiles_its_steps_once(setup):
     lengths = {model.tokenizer.bucket_length(len(r)) for r in split.rows}
     fresh = EarlyExitModel(model.config, model.params, model.tokenizer)
     runners.run_latency(fresh, _policy(fresh, "pcee", dict(patience=2, tau=0.5)), split, warmup=0)
-    # per input length, not per layer: one step for layers 2..L-1 (batch 1 takes the plain layer
-    # step) and one for the last layer, which first-token ramps need at the first token only
-    assert fresh.decided_first_step._cache_size() == len(lengths)
+    # per input length, not per layer: one first call (layers 1..patience, since pcee cannot exit
+    # before), one step for the layers after it up to L-1 (batch 1 takes the plain layer step) and
+    # one for the last layer, which first-token ramps need at the first token only
+    assert fresh.decided_head_step._cache_size() == len(lengths)
+    assert fresh.decided_step._cache_size() == 2 * len(lengths)
+    runners.run_latency(fresh, _policy(fresh, "pcee", dict(patience=2, tau=0.2)), split, warmup=0)
+    assert fresh.decided_head_step._cache_size() == len(lengths)  # thresholds are arguments: nothing new
     assert fresh.decided_step._cache_size() == 2 * len(lengths)
     runners.run_latency(fresh, _policy(fresh, "pcee", dict(patience=3, tau=0.2)), split, warmup=0)
-    assert fresh.decided_step._cache_size() == 2 * len(lengths)  # thresholds are arguments: nothing new
+    assert fresh.decided_head_step._cache_size() == 2 * len(lengths)  # another patience: another first call
+    assert fresh.decided_step._cache_size() == 2 * len(lengths)
     assert fresh.layer_step._cache_size() == fresh.exit_step._cache_size() == 0
-    # mean-pooled ramps read every token of the last layer: no step of its own
+    # static k=L: one call of every layer; mean-pooled ramps read every token of the last layer
     sub, _ = one_length(model, split, np.zeros((model.num_layers, len(split), 2)))
     mean = EarlyExitModel(model.config.replace(ramp_input="mean"), model.params, model.tokenizer)
     runners.run_latency(mean, _policy(mean, "static", dict(k=6)), sub, warmup=0)
-    assert mean.decided_first_step._cache_size() == mean.decided_step._cache_size() == 1
+    assert mean.decided_head_step._cache_size() == 1 and mean.decided_step._cache_size() == 0
     # the host-decision form: the plain layer step, whatever the policy
     host = EarlyExitModel(model.config, model.params, model.tokenizer)
     for params in (dict(patience=2, tau=0.5), dict(patience=1, tau=0.1)):
         runners.run_latency(host, _policy(host, "pcee", params), sub, warmup=0, pipelined=False)
     runners.run_latency(host, _policy(host, "static", dict(k=3)), sub, warmup=0, pipelined=False)
     assert host.layer_step._cache_size() == host.embed_step._cache_size() == 1
-    assert host.decided_step._cache_size() == 0
+    assert host.decided_step._cache_size() == host.decided_head_step._cache_size() == 0
+
+
+def test_a_shorter_first_call_gives_the_same_exits(setup):
+    model, split, cached = setup
+    sub, sub_cached = one_length(model, split, cached)
+    for name, params in (("pcee", dict(patience=3, tau=0.5)), ("static", dict(k=3))):
+        policy = _policy(model, name, params)
+        want = offline.evaluate(policy, sub_cached)
+        for head in range(1, policies.earliest_exit(policy) + 1):
+            got = [runners.exit_one(model, policy, b, head_layers=head) for b in runners.single_inputs(model, sub)]
+            np.testing.assert_array_equal([layer for layer, _ in got], want.exit_layer, err_msg=f"{policy} {head}")
+        with pytest.raises(ValueError, match="head_layers must be in 1"):
+            runners.exit_one(model, policy, runners.single_inputs(model, sub)[0],
+                             head_layers=policies.earliest_exit(policy) + 1)
