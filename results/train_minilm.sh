@@ -60,7 +60,9 @@ block() {
     cola-joint) run CoLA cola joint 3 42 ;;
     cola-joint-seeds) for seed in 43 44; do run CoLA cola joint 3 $seed; done ;;  # after the rest: seed 42's MCC was 0 after epoch 1
     cola-two_stage) run CoLA cola two_stage 3 42 ;;
-    lte) lte MRPC mrpc mrpc-joint; lte CoLA cola cola-joint; lte SST-2 sst2 sst2-joint ;;
+    lte) block lte-small; block lte-sst2 ;;
+    lte-small) lte MRPC mrpc mrpc-joint; lte CoLA cola cola-joint ;;
+    lte-sst2) lte SST-2 sst2 sst2-joint ;;
     sst2-alternate) run SST-2 sst2 alternate 1 42 --lte ;;  # BERxiT's own recipe: alternating, then the LTE
     sst2) block sst2-joint; block sst2-two_stage ;;
     stsb) block stsb-joint; block stsb-two_stage ;;
@@ -73,6 +75,6 @@ block() {
 # The results issue's runs first (SST-2 and STS-B joint, the seeds, the two-stage runs; the short
 # tasks before SST-2's long ones), then BERxiT's (learning to exit on the joint runs; the
 # alternating scheme).
-for b in "${@:-sst2-joint stsb-joint mrpc-joint cola-joint cola-joint-seeds mrpc-two_stage cola-two_stage stsb-two_stage lte sst2-joint-e2 sst2-two_stage sst2-alternate tables}"; do
+for b in "${@:-sst2-joint stsb-joint mrpc-joint cola-joint cola-joint-seeds mrpc-two_stage lte-small cola-two_stage stsb-two_stage lte-sst2 sst2-joint-e2 sst2-two_stage sst2-alternate tables}"; do
   for x in $b; do echo "== $x $(date -u +%H:%M)"; block "$x"; done
 done
