@@ -129,13 +129,15 @@ def _exit_one_pipelined(model: EarlyExitModel, policy: Policy, batch: dict, stop
     carry, bias, state, done, chosen = model.decided_head_step(
         first_token, last(m), embeddings, tuple(model.layer_params(i) for i in range(m)), ramps, batch, policy)
     for layer in range(m + 1, L + 1):
-        decided = done
+        decided, answer = done, chosen
         carry, state, done, chosen = model.decided_step(
             first_token, last(layer), model.layer_params(layer - 2) if first_token else None,
-            model.layer_params(layer - 1), model.ramp_params(layer - 1), carry, bias, policy, state, decided, chosen,
+            model.layer_params(layer - 1), model.ramp_params(layer - 1), carry, bias, policy, state, decided, answer,
             np.int32(layer))
         if stop and np.asarray(decided):  # ramp layer-1's flag, read while layer `layer` is queued behind it
-            return layer - 1, np.asarray(chosen)[0]
+            # the answer is ramp layer-1's, ready now: not waiting for the queued step to find
+            # the flag set (it then runs while the host goes on)
+            return layer - 1, np.asarray(answer)[0]
     return L, np.asarray(chosen)[0]
 
 
