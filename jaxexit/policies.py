@@ -454,8 +454,14 @@ def earliest_exit(policy: Policy) -> int:
     `patience` confident layers in a row, pabee `patience` agreements, the first at layer 2; static
     exits at `k`; the others can exit at layer 1. The pipelined latency runner runs the layers
     before it in one call, since no decision can be taken there."""
-    first = {"pcee": lambda: policy["patience"], "pabee": lambda: policy["patience"] + 1,
-             "static": lambda: policy["k"]}.get(policy.name, lambda: 1)()
+    if policy.name == "pcee":
+        first = policy["patience"]
+    elif policy.name == "pabee":
+        first = policy["patience"] + 1
+    elif policy.name == "static":
+        first = policy["k"]
+    else:
+        first = 1
     return min(int(first), policy.num_layers)
 
 

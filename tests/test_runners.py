@@ -137,12 +137,12 @@ def test_latency_runner_compiles_its_steps_once(setup):
 def test_a_shorter_first_call_gives_the_same_exits(setup):
     model, split, cached = setup
     sub, sub_cached = one_length(model, split, cached)
+    singles = runners.single_inputs(model, sub)
     for name, params in (("pcee", dict(patience=3, tau=0.5)), ("static", dict(k=3))):
         policy = _policy(model, name, params)
         want = offline.evaluate(policy, sub_cached)
         for head in range(1, policies.earliest_exit(policy) + 1):
-            got = [runners.exit_one(model, policy, b, head_layers=head) for b in runners.single_inputs(model, sub)]
+            got = [runners.exit_one(model, policy, b, head_layers=head) for b in singles]
             np.testing.assert_array_equal([layer for layer, _ in got], want.exit_layer, err_msg=f"{policy} {head}")
         with pytest.raises(ValueError, match="head_layers must be in 1"):
-            runners.exit_one(model, policy, runners.single_inputs(model, sub)[0],
-                             head_layers=policies.earliest_exit(policy) + 1)
+            runners.exit_one(model, policy, singles[0], head_layers=policies.earliest_exit(policy) + 1)
