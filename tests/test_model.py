@@ -183,6 +183,24 @@ def test_bad_batches_are_refused(minilm):
                             "attention_mask": np.zeros((1, 5))})
 
 
+def test_batches_of_any_integer_kind_give_the_same_logits():
+    """Host batches stay on the host until the jitted call (no conversion dispatch per key: see
+    `api._int32`); int64 numpy, lists and device arrays of other dtypes give the int32 batch's output."""
+    import jax.numpy as jnp
+
+    model = EarlyExitModel.from_config(tiny_config(), seed=0)
+    batch = tiny_batch()
+    want = model.final_logits(batch)
+    checked = model._check(batch)
+    assert all(type(v) is np.ndarray and v.dtype == np.int32 for v in checked.values())
+    variants = [{k: v.astype(np.int64) for k, v in batch.items()}, {k: v.tolist() for k, v in batch.items()},
+                {k: jnp.asarray(v) for k, v in batch.items()}, {k: jnp.asarray(v, jnp.uint8) for k, v in batch.items()}]
+    for variant in variants:
+        assert all(v.dtype == np.int32 for v in model._check(variant).values())
+        np.testing.assert_array_equal(model.final_logits(variant), want)
+        np.testing.assert_array_equal(model.ramp_logits(variant), model.ramp_logits(batch))
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="ramp_pooler"):
         tiny_config(ramp_pooler="both")
