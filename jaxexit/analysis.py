@@ -138,18 +138,30 @@ def pcee_curves(logits, labels, metric) -> dict | None:
     return {"taus": list(PCEE_FIGURE_TAUS), "curves": curves, "pabee": pabee}
 
 
+TIMING_ROUNDS = 3
+
+
 def wall_savings(model: EarlyExitModel, split, settings: list[policies.Policy], full_latency=runners.run_full_latency,
-                 latency=runners.run_latency) -> dict:
-    """Latency mode (batch 1): the full model once, then each setting, on the same inputs (`split`,
-    as `full_latency(model, split)` and `latency(model, policy, split)` take them)."""
-    _, full = full_latency(model, split)
+                 latency=runners.run_latency, rounds: int = TIMING_ROUNDS) -> dict:
+    """Latency mode (batch 1) on the same inputs (`split`, as `full_latency(model, split)` and
+    `latency(model, policy, split)` take them): in each of `rounds` rounds, every setting is timed
+    right after the full model, and its `wall_saving` is 1 - the median over rounds of the paired
+    ratio (setting / full), so a slow spell of a shared machine moves both sides of a pair
+    together; `seconds` and `full_model_seconds` are medians too."""
+    fulls, times, savings = [], [[] for _ in settings], [0.0] * len(settings)
+    for _ in range(rounds):
+        for i, policy in enumerate(settings):
+            fulls.append(full_latency(model, split)[1])
+            exits = latency(model, policy, split)
+            times[i].append(exits.seconds)
+            savings[i] = offline.efficiency(exits.exit_layer, model.num_layers)["saving"]  # the same every round
     rows = []
-    for policy in settings:
-        exits = latency(model, policy, split)
-        eff = offline.efficiency(exits.exit_layer, model.num_layers)
-        rows.append({"policy": policy.name, "params": dict(policy.params), "saving": eff["saving"],
-                     "seconds": exits.seconds, "wall_saving": 1.0 - exits.seconds / full})
-    return {"inputs": len(split), "full_model_seconds": full, "settings": rows}
+    for i, policy in enumerate(settings):
+        paired = np.asarray(times[i]) / np.asarray(fulls[i::len(settings)])
+        rows.append({"policy": policy.name, "params": dict(policy.params), "saving": savings[i],
+                     "seconds": float(np.median(times[i])), "wall_saving": float(1.0 - np.median(paired)),
+                     "wall_saving_rounds": [float(w) for w in 1.0 - paired]})
+    return {"inputs": len(split), "rounds": rounds, "full_model_seconds": float(np.median(fulls)), "settings": rows}
 
 
 def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validation", timing_inputs: int = 200,
@@ -514,7 +526,7 @@ def tables(analyses: list[dict], command: str = "") -> str:
         out += [f"### DeeBERT Table 1 form ({scheme} checkpoints)", "",
                 "Largest saving whose drop on the calibration half is at most the column's; `wall` is the "
                 "measured wall saving of that setting in latency mode (batch 1, on up to "
-                f"{runs_timed(analyses)} report-half inputs).", "",
+                f"{runs_timed(analyses)} report-half inputs{timing_rounds(analyses)}).", "",
                 "| task (metric, policy) | seeds | full model | "
                 + " | ".join(f"drop {'<' if d == DEEBERT_DROPS[0] else '<='} {100 * d:g}" for d in DEEBERT_DROPS)
                 + " |", "|---|---|---|" + "---|" * len(DEEBERT_DROPS)]
@@ -578,6 +590,17 @@ def _by(items, key) -> dict:
 
 def runs_timed(analyses: list[dict]) -> int:
     return max((a.get("timing", {}).get("inputs", 0) for a in analyses), default=0)
+
+
+def timing_rounds(analyses: list[dict]) -> str:
+    """How the `wall` cells were timed, for the Table 1 caption (analyses older than the paired
+    rounds of `wall_savings` hold one measurement each)."""
+    rounds = sorted({a["timing"].get("rounds", 1) for a in analyses if "timing" in a})
+    if not rounds or rounds == [1]:
+        return ""
+    older = "; analyses without rounds: one measurement" if 1 in rounds else ""
+    return (f"; the median over {'/'.join(map(str, (r for r in rounds if r > 1)))} rounds, each timing the "
+            f"setting right after the full model{older}")
 
 
 def load_analyses(paths) -> list[dict]:

@@ -118,3 +118,44 @@ def test_analyze_refuses_missing_paths(tiny_runs):
         analyze_cli.main([str(root / "nope"), "--out", str(root / "x")])
     with pytest.raises(SystemExit):
         analyze_cli.main(["--tables", str(root / "empty-dir-that-is-missing"), "--out", str(root / "t.md")])
+
+
+def test_wall_savings_pair_each_setting_with_the_full_model_and_take_the_median():
+    # A fake clock: the machine runs 3x slower in round 2 (both sides of each pair), and setting b's
+    # round 3 is disturbed alone. Paired ratios cancel the slow spell; the median drops the outlier.
+    slow = iter([1, 1, 3, 3, 1, 1])  # the factor of each (full, setting) pair, in call order
+    base = {2: 0.4, 3: 0.6}  # seconds per full-model second, by static exit layer
+    calls = []
+
+    class FakeModel:
+        num_layers = 4
+
+    def full_latency(model, split):
+        calls.append("full")
+        full_latency.factor = next(slow)
+        return None, 1.0 * full_latency.factor
+
+    def latency(model, policy, split):
+        k = dict(policy.params)["k"]
+        calls.append(k)
+        seconds = base[k] * full_latency.factor
+        if k == 3 and calls.count(3) == 3:
+            seconds *= 2.5
+        return analysis.runners.Exits(np.asarray([1, 2, 4]), np.zeros(3, int), np.zeros((3, 2)), seconds)
+
+    settings = [offline.Policy("static", 4, 2, (("k", 2),)), offline.Policy("static", 4, 2, (("k", 3),))]
+    timing = analysis.wall_savings(FakeModel(), [0, 1, 2], settings, full_latency, latency, rounds=3)
+    assert calls == ["full", 2, "full", 3] * 3  # alternated, each setting right after the full model
+    a, b = timing["settings"]
+    assert a["wall_saving"] == pytest.approx(0.6) and a["wall_saving_rounds"] == pytest.approx([0.6] * 3)
+    assert b["wall_saving"] == pytest.approx(0.4) and b["wall_saving_rounds"] == pytest.approx([0.4, 0.4, -0.5])
+    assert a["saving"] == pytest.approx(1 - (7 / 3) / 4) and timing["rounds"] == 3
+    assert timing["full_model_seconds"] == pytest.approx(1.0)  # median of 1, 1, 3, 3, 1, 1
+
+
+def test_table1_caption_says_how_wall_was_timed():
+    timed = lambda rounds: {"timing": {"inputs": 8, **({"rounds": rounds} if rounds else {})}}  # noqa: E731
+    assert analysis.timing_rounds([timed(None)]) == ""
+    assert "median over 3 rounds" in analysis.timing_rounds([timed(3)])
+    both = analysis.timing_rounds([timed(3), timed(None), {}])
+    assert "median over 3 rounds" in both and "without rounds: one measurement" in both
