@@ -53,6 +53,8 @@ block() {
     sst2-joint) run SST-2 sst2 joint 1 42 ;;
     sst2-joint-e2)  # the same with 2 epochs: the final ramp of the 1-epoch run is 0.877 (first-token: 0.896)
       train sst2-joint-e2 --config sst2 --data-dir "$G/SST-2" --scheme joint --epochs 2 --seed 42 && analyze sst2-joint-e2 ;;
+    sst2-joint-per_ramp)  # 1 epoch as sst2-joint, one pooler per ramp instead of the shared one
+      train sst2-joint-per_ramp --config sst2 --data-dir "$G/SST-2" --scheme joint --epochs 1 --seed 42 --ramp-pooler per_ramp && analyze sst2-joint-per_ramp ;;
     sst2-joint-e3)  # the recipe's 3 epochs (2 epochs: final ramp 0.8888, two inputs short of 0.89)
       train sst2-joint-e3 --config sst2 --data-dir "$G/SST-2" --scheme joint --epochs 3 --seed 42 && analyze sst2-joint-e3 ;;
     sst2-two_stage) run SST-2 sst2 two_stage 1 42 ;;
