@@ -148,17 +148,18 @@ def wall_savings(model: EarlyExitModel, split, settings: list[policies.Policy], 
     right after the full model, and its `wall_saving` is 1 - the median over rounds of the paired
     ratio (setting / full), so a slow spell of a shared machine moves both sides of a pair
     together; `seconds` and `full_model_seconds` are medians too."""
-    fulls, times, savings = [], [[] for _ in settings], [0.0] * len(settings)
+    fulls, times, exit_layers = [], [[] for _ in settings], [None] * len(settings)
     for _ in range(rounds):
         for i, policy in enumerate(settings):
             fulls.append(full_latency(model, split)[1])
             exits = latency(model, policy, split)
             times[i].append(exits.seconds)
-            savings[i] = offline.efficiency(exits.exit_layer, model.num_layers)["saving"]  # the same every round
+            exit_layers[i] = exits.exit_layer  # the same every round
     rows = []
     for i, policy in enumerate(settings):
         paired = np.asarray(times[i]) / np.asarray(fulls[i::len(settings)])
-        rows.append({"policy": policy.name, "params": dict(policy.params), "saving": savings[i],
+        saving = offline.efficiency(exit_layers[i], model.num_layers)["saving"]
+        rows.append({"policy": policy.name, "params": dict(policy.params), "saving": saving,
                      "seconds": float(np.median(times[i])), "wall_saving": float(1.0 - np.median(paired)),
                      "wall_saving_rounds": [float(w) for w in 1.0 - paired]})
     return {"inputs": len(split), "rounds": rounds, "full_model_seconds": float(np.median(fulls)), "settings": rows}

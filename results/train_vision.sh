@@ -4,12 +4,12 @@
 # directory (also recorded in summary.json / analysis.json).
 #
 # Deviation from the paper's recipe (PABEE's: 164 epochs, lr 0.1 /10 at 50% and 75%), on purpose:
-# 10 epochs on a cosine schedule (~11-21 min per epoch here, 390 steps of batch 128), the most that
-# fits one working session of this CPU; `--epochs 164 --schedule step` is the paper's.
+# 10 epochs on a cosine schedule (~10-21 min per epoch on these 2-core machines, 390 steps of batch
+# 128: ~2 h in all on the faster one), the most that fits one working session; `--epochs 164 --schedule step` is the paper's.
 #
 #   bash results/train_vision.sh     # train (or resume, or skip when finished), then analyse
 #
-# Needs the image folder: tar xJf ../shared/data/cifar10/cifar10-jpg.tar.xz -C data/cifar10
+# The images are extracted from ../shared/data/cifar10/cifar10-jpg.tar.xz into data/cifar10 if missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 name=cifar10-resnet56
