@@ -4,8 +4,10 @@
 # directory (also recorded in summary.json / analysis.json).
 #
 # Deviation from the paper's recipe (PABEE's: 164 epochs, lr 0.1 /10 at 50% and 75%), on purpose:
-# 10 epochs on a cosine schedule (~10-21 min per epoch on these 2-core machines, 390 steps of batch
-# 128: ~2 h in all on the faster one), the most that fits one working session; `--epochs 164 --schedule step` is the paper's.
+# 10 epochs on a cosine schedule, the most that fits one working session on the faster of these
+# 2-core machines (390 steps of batch 128 per epoch; measured with XLA's own convolution gradient
+# 1.6 s/step there, 3.2-8.2 s/step on slower ones; the per-tap kernel gradient now halves that:
+# results/resnet_step.md); `--epochs 164 --schedule step` is the paper's.
 #
 #   bash results/train_vision.sh     # train (or resume, or skip when finished), then analyse
 #

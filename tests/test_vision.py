@@ -398,3 +398,43 @@ def test_piecewise_steps_equal_the_whole_model():
     assert h.shape == (3, 2, 2, 16)
     with pytest.raises(ValueError, match=r"block 6 is outside 0..5"):
         resnet.block_step(cfg, variables, 6, h)
+
+
+@pytest.mark.parametrize("stride,size,channels", [(1, (6, 5), (3, 4)), (2, (7, 8), (4, 6)), (2, (8, 8), (2, 2))])
+def test_conv3x3_values_and_gradients_equal_xla(stride, size, channels):
+    """The custom kernel gradient (9 per-tap products) against lax.conv_general_dilated's, on odd
+    and even, non-square images, stride 1 and 2; forward and input gradient are XLA's own."""
+    rng = np.random.default_rng(stride)
+    x = rng.normal(size=(3, *size, channels[0])).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, *channels)).astype(np.float32)
+
+    def reference(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def custom(x, kernel):
+        return resnet.conv3x3(x, kernel, stride)
+
+    out = reference(x, kernel)
+    cotangent = rng.normal(size=out.shape).astype(np.float32)
+    np.testing.assert_allclose(custom(x, kernel), out, rtol=1e-6, atol=1e-6)
+    expected = jax.vjp(reference, x, kernel)[1](cotangent)
+    got = jax.jit(lambda x, k, g: jax.vjp(custom, x, k)[1](g))(x, kernel, cotangent)
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_module_has_nn_convs_variables_and_numbers():
+    """Conv3x3 is a drop-in for nn.Conv(3x3, padding 1, no bias): same variable tree, same
+    initial values from the same key, same outputs (checkpoints of either load in the other)."""
+    from jaxexit.resnet import _KAIMING, Conv3x3
+    import flax.linen as nn
+
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+    ours, theirs = Conv3x3(6, 2), nn.Conv(6, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+                                          kernel_init=_KAIMING)
+    v_ours, v_theirs = ours.init(_key(3), x), theirs.init(_key(3), x)
+    assert jax.tree.structure(v_ours) == jax.tree.structure(v_theirs)
+    np.testing.assert_array_equal(v_ours["params"]["kernel"], v_theirs["params"]["kernel"])
+    np.testing.assert_allclose(ours.apply(v_ours, x), theirs.apply(v_theirs, x), rtol=1e-6, atol=1e-6)
