@@ -160,7 +160,7 @@ def measure(model: EarlyExitModel, length: int, ks: list[int], mix: np.ndarray |
 
         def device(item):
             b, k = item
-            jax.block_until_ready(runners.device_exits(model.config, model.params, b, at[k]))
+            jax.block_until_ready(runners.device_exits(model.config, model.step_params, b, at[k]))
 
         fns = {"dense": lambda item: model.final_logits(item[0]),
                # head_layers=1: a call per layer, every layer decided on, as for a policy that can

@@ -95,6 +95,10 @@ class EarlyExitModel:
                  source: str | None = None):
         self.config = config
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
+        # What inference computes with: on CPU the dense kernels transposed (`modeling.Dense`), the
+        # rest shared with `params`, which training and checkpoints keep in the canonical layout.
+        self.step_params = (modeling.transpose_kernels(self.params) if jax.default_backend() == "cpu"
+                            else self.params)
         self.tokenizer = tokenizer
         self.source = source
         self.embed_step = jax.jit(functools.partial(modeling.embed, config))
@@ -177,17 +181,17 @@ class EarlyExitModel:
 
     def hidden_states(self, batch: dict) -> np.ndarray:
         """Every layer's hidden states `[L+1, B, T, H]`: the embedding output, then each layer."""
-        _, hidden = _whole(self.config, self.params, self._check(batch), output_hidden_states=True)
+        _, hidden = _whole(self.config, self.step_params, self._check(batch), output_hidden_states=True)
         return np.asarray(hidden)
 
     def ramp_logits(self, batch: dict) -> np.ndarray:
         """Every ramp's logits `[L, B, C]` (ramp L is the model's final classifier)."""
-        logits, _ = _whole(self.config, self.params, self._check(batch))
+        logits, _ = _whole(self.config, self.step_params, self._check(batch))
         return np.asarray(logits)
 
     def final_logits(self, batch: dict) -> np.ndarray:
         """Ramp L's logits `[B, C]` from the dense model compiled as one function (no exits)."""
-        return np.asarray(_final(self.config, self.params, self._check(batch)))
+        return np.asarray(_final(self.config, self.step_params, self._check(batch)))
 
     def ramp_steps(self, batch: dict):
         """Ramp 1..L logits `[B, C]` of `batch` one layer at a time: a generator, so layer i+1 is
@@ -200,11 +204,11 @@ class EarlyExitModel:
         its weights, which the first-token steps do twice (`bench/exit_steps.py`)."""
         batch = self._check(batch)
         if self.first_token_steps(batch["input_ids"].shape):
-            carry, bias, logits = self.first_exit_step(self.params, batch)
+            carry, bias, logits = self.first_exit_step(self.step_params, batch)
             step = lambda layer, carry, bias: self.exit_step(  # noqa: E731
                 self.layer_params(layer - 1), self.layer_params(layer), self.ramp_params(layer), carry, bias)
         else:
-            carry, bias = self.embed_step(self.params, batch)
+            carry, bias = self.embed_step(self.step_params, batch)
             carry, logits = self.layer_step(self.layer_params(0), self.ramp_params(0), carry, bias)
             step = lambda layer, carry, bias: self.layer_step(  # noqa: E731
                 self.layer_params(layer), self.ramp_params(layer), carry, bias)
@@ -222,10 +226,10 @@ class EarlyExitModel:
         return self.config.ramp_input == "cls" and shape[0] * shape[1] >= self.first_token_steps_from
 
     def layer_params(self, layer: int) -> dict:
-        return modeling.layer_params(self.config, self.params, layer)
+        return modeling.layer_params(self.config, self.step_params, layer)
 
     def ramp_params(self, layer: int) -> dict:
-        return modeling.ramp_params(self.config, self.params, layer)
+        return modeling.ramp_params(self.config, self.step_params, layer)
 
     def _check(self, batch: dict) -> dict:
         missing = [k for k in BATCH_KEYS if k not in batch]

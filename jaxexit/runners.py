@@ -121,7 +121,7 @@ def _exit_one_pipelined(model: EarlyExitModel, policy: Policy, batch: dict, stop
     cfg, L = model.config, model.num_layers
     batch = model._check(batch)
     first_token = model.first_token_steps(batch["input_ids"].shape)
-    embeddings = {"backbone": {"embeddings": model.params["backbone"]["embeddings"]}}
+    embeddings = {"backbone": {"embeddings": model.step_params["backbone"]["embeddings"]}}
     last = lambda layer: layer == L and cfg.ramp_input == "cls" and not first_token  # noqa: E731
     m = head_layers  # no exit can happen before layer m: one call
     every = policies.reads_every_ramp(policy)
@@ -371,7 +371,7 @@ def device_exits(cfg, params, batch, policy: Policy, first_token: bool = False):
 
 def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batch_size: int = 1,
                   warmup: int = 1) -> Exits:
-    run = lambda b: device_exits(model.config, model.params, b, policy,  # noqa: E731
+    run = lambda b: device_exits(model.config, model.step_params, b, policy,  # noqa: E731
                                  first_token=model.first_token_steps(b["input_ids"].shape))
     return on_device(model, policy, _chunks(model, split, batch_size), len(split), warmup, run)
 

@@ -213,3 +213,29 @@ def test_config_rejects_bad_values():
     cfg = tiny_config(arch="albert", embedding_size=8, num_hidden_layers=6, num_hidden_groups=3)
     assert [cfg.layer_param_index(i) for i in range(6)] == [0, 0, 1, 1, 2, 2]
     assert EncoderConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(ramp_pooler="shared", lte=True), dict(arch="albert", embedding_size=16)])
+def test_transposed_kernels_compute_the_same_numbers(overrides):
+    """`modeling.transpose_kernels` (what inference computes with on CPU) moves every dense kernel
+    to `kernel_t` `[out, in]` and nothing else, and the model gives the canonical layout's numbers."""
+    from jaxexit import api, modeling
+
+    model = EarlyExitModel.from_config(tiny_config(**overrides))
+    canonical, moved = model.params, modeling.transpose_kernels(model.params)
+    flat_c = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(canonical)}
+    flat_t = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(moved)}
+    kernels = [k for k in flat_c if k.endswith("['kernel']")]
+    assert len(kernels) >= 6 and not any(k.endswith("['kernel']") for k in flat_t)
+    for k in kernels:
+        np.testing.assert_array_equal(flat_t[k[:-len("['kernel']")] + "['kernel_t']"], np.asarray(flat_c[k]).T)
+    assert {k for k in flat_c if k not in kernels} == {k for k in flat_t if not k.endswith("['kernel_t']")}
+    assert jax.tree.structure(modeling.transpose_kernels(moved)) == jax.tree.structure(moved)  # idempotent
+
+    batch = tiny_batch()
+    ours, theirs = api._whole(model.config, moved, batch), api._whole(model.config, canonical, batch)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if jax.default_backend() == "cpu":
+        assert jax.tree.structure(model.step_params) == jax.tree.structure(moved)
+    np.testing.assert_allclose(model.ramp_logits(batch), theirs[0], rtol=1e-5, atol=1e-6)
