@@ -59,7 +59,7 @@ class Dense(nn.Module):
 
     Why: on CPU, XLA's product of a few rows by a kernel is faster when the kernel's rows are the
     output features (both operands then contract along contiguous memory): BERT-base at 32 tokens,
-    batch 1, 12 layers 74 ms against 103 ms on 2 cores (results/scale_speed.md has the end-to-end
+    batch 1, 12 layers 74 ms against 103 ms on 2 cores (results/scale_speed_base.md has the end-to-end
     figures). Training and checkpoints keep `kernel`; `EarlyExitModel` transposes a copy for inference.
     """
 
