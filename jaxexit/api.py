@@ -95,10 +95,6 @@ class EarlyExitModel:
                  source: str | None = None):
         self.config = config
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
-        # What inference computes with: on CPU the dense kernels transposed (`modeling.Dense`), the
-        # rest shared with `params`, which training and checkpoints keep in the canonical layout.
-        self.step_params = (modeling.transpose_kernels(self.params) if jax.default_backend() == "cpu"
-                            else self.params)
         self.tokenizer = tokenizer
         self.source = source
         self.embed_step = jax.jit(functools.partial(modeling.embed, config))
@@ -224,6 +220,13 @@ class EarlyExitModel:
         `first_token_steps_from` tokens, and ramps that read the first token) rather than the plain
         layer step, on host and device. Mean-pooled ramps read every token of their layer."""
         return self.config.ramp_input == "cls" and shape[0] * shape[1] >= self.first_token_steps_from
+
+    @functools.cached_property
+    def step_params(self) -> dict:
+        """What inference computes with: on CPU the dense kernels transposed (`modeling.Dense`), the
+        rest shared with `params`, which training and checkpoints keep in the canonical layout.
+        Made on first use, so a model only trained never holds the copy."""
+        return modeling.transpose_kernels(self.params) if jax.default_backend() == "cpu" else self.params
 
     def layer_params(self, layer: int) -> dict:
         return modeling.layer_params(self.config, self.step_params, layer)

@@ -141,7 +141,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
     Why: on CPU, XLA lowers the kernel gradient to one convolution with a 32x32 "kernel", which
     is slow at CIFAR's small channel counts (measured on 2 cores, batch 128, 32x32x16: 195-250 ms
-    against 85 ms this way; a whole ResNet-56 training step 8.3 s against 3.4 s). Equal to
+    against 85 ms this way; a whole ResNet-56 training step 8.2 s against 4.6 s, results/resnet_step.md). Equal to
     `lax.conv_general_dilated`'s gradient up to float32 summation order (tests/test_vision.py).
     """
     return _lax_conv3x3(x, kernel, stride)
