@@ -9,8 +9,10 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +162,61 @@ def test_interrupted_run_resumes_to_the_same_variables(folder, tmp_path, straigh
     assert resumed.summary["per_layer"] == straight.summary["per_layer"]
     logged = [r["step"] for r in resumed.run.records() if r["kind"] == "train"]
     assert logged == list(range(1, 13))  # the records of step 5 (past the checkpoint) were dropped, not repeated
+
+
+def test_handoff_packs_an_unfinished_run_that_the_script_then_resumes(folder, tmp_path, straight):
+    """results/train_vision.sh in a scratch checkout: `pack` keeps the run directory with only its
+    latest finished checkpoint; on a machine without runs/ the script unpacks it and resumes it,
+    and the run ends with the uninterrupted run's variables exactly."""
+    root = tmp_path / "repo"
+    (root / "results").mkdir(parents=True)
+    (root / "results" / "train_vision.sh").write_text(open(os.path.join(REPO, "results", "train_vision.sh")).read())
+    for name in ("train", "infer", "jaxexit"):
+        (root / name).symlink_to(os.path.join(REPO, name))
+    (root / "data" / "cifar10" / "train").mkdir(parents=True)  # "already extracted": the script skips the tar
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(  # the real interpreter, except the analysis (its own tests cover it)
+        f'#!/bin/sh\nif [ "$1" = infer/analyze.py ]; then echo "$@" >> "{tmp_path}/analyze"; exit 0; fi\n'
+        f'exec "{sys.executable}" "$@"\n')
+    (shim / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}
+    script = lambda *args: subprocess.run(["bash", str(root / "results" / "train_vision.sh"), *args],  # noqa: E731
+                                          env=env, capture_output=True, text=True, timeout=600)
+
+    assert script("pack").returncode == 1  # nothing to pack yet
+    assert script("bogus").returncode == 2
+    cfg = _cfg(folder, tmp_path, run_name="cifar10-resnet56", output_dir=str(root / "runs"))
+
+    def stop(run, step):
+        if step == 9:  # checkpoints at steps 4, 6 (epoch end) and 8; two kept
+            run.wait()
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        vision_train.train(cfg, progress=False, on_step=stop)
+    run_dir = root / "runs" / "cifar10-resnet56"
+    (run_dir / "checkpoints" / "9.orbax-checkpoint-tmp-1").mkdir()  # a save cut short: never packed
+    packed = script("pack")
+    assert packed.returncode == 0, packed.stdout + packed.stderr
+    assert "at step 8" in packed.stdout
+    with tarfile.open(root / "handoff" / "cifar10-resnet56.tar.gz") as tar:
+        names = tar.getnames()
+    assert {n.split("/")[2] for n in names if n.startswith("cifar10-resnet56/checkpoints/")} == {"8"}
+    for name in ("train_config.json", "resnet_config.json", "metrics.jsonl"):
+        assert f"cifar10-resnet56/{name}" in names
+
+    shutil.rmtree(root / "runs")  # a new machine: only the committed handoff is left
+    resumed = script()
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "unpacked handoff/cifar10-resnet56.tar.gz" in resumed.stdout
+    _, variables = vision_train.load_run(run_dir)
+    a, b = _leaves(variables), _leaves(straight.variables)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert (tmp_path / "analyze").read_text().split()[:2] == ["infer/analyze.py", "runs/cifar10-resnet56"]
+    assert "finished: skipped" in script().stdout  # a finished run is not trained again
 
 
 def test_run_directory_and_load_run(straight, folder):
