@@ -13,6 +13,9 @@ setting (pcee nearest 40% saving on the SST-2 checkpoint given by --checkpoint, 
   layer), and with host decisions) against the dense model compiled as one function, input by input in
   alternating order -> `wall_saving / saving`;
 * on-device mode, batch 1 (`runners.device_exits`, one `lax.while_loop`) -> `wall_saving / saving`;
+* the ceiling of both with plain layer steps: every layer and its ramp by the plain step as one
+  function, alternated with the rest -> `1 - (k / L) * t(that) / t(dense)`, over saving (the
+  dense model's last layer can cost less than a plain step, so this can be below 1);
 * batched mode, batch --batch-size: throughput against the dense model -> its ratio to the ideal
   `1 / (1 - saving)`;
 * the same exits in a PyTorch DeeBERT-style loop (transformers' BertModel layers, eager and SDPA
@@ -25,6 +28,7 @@ Writes results/scale_speed.{json,md}. Measure with nothing else running.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 
@@ -33,8 +37,9 @@ import numpy as np
 from common import GLUE, MINILM, write_result
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
-from jaxexit import EarlyExitModel, batches, glue, metrics, offline, policies, runners  # noqa: E402
+from jaxexit import EarlyExitModel, batches, glue, metrics, modeling, offline, policies, runners  # noqa: E402
 from jaxexit.config import EncoderConfig  # noqa: E402
 
 BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -55,6 +60,21 @@ def inputs(model: EarlyExitModel, n: int, length: int, rows: int = 1, seed: int 
         ids = rng.integers(1000, vocab, size=(rows, length), dtype=np.int32)
         out.append({"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)})
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def plain_layers(cfg, params, batch):
+    """Every layer with its ramp, by the plain exit step (`modeling.layer_ramp_step`, what latency
+    mode runs per layer at batch 1), compiled as one function: k of its L steps are what an exit at
+    k costs with no host work at all, so `1 - (k / L) * t(plain_layers) / t(dense)` is the most
+    wall saving plain steps can give against the dense model (whose last layer may cost less)."""
+    carry, bias = modeling.embed(cfg, params, batch)
+    logits = []
+    for i in range(cfg.num_hidden_layers):
+        carry, z = modeling.layer_ramp_step(cfg, modeling.layer_params(cfg, params, i),
+                                            modeling.ramp_params(cfg, params, i), carry, bias)
+        logits.append(z)
+    return jnp.stack(logits)
 
 
 def static(model: EarlyExitModel, k: int) -> policies.Policy:
@@ -163,6 +183,8 @@ def measure(model: EarlyExitModel, length: int, ks: list[int], mix: np.ndarray |
             jax.block_until_ready(runners.device_exits(model.config, model.step_params, b, at[k]))
 
         fns = {"dense": lambda item: model.final_logits(item[0]),
+               "plain_layers": lambda item: jax.block_until_ready(
+                   plain_layers(model.config, model.step_params, model._check(item[0]))),
                # head_layers=1: a call per layer, every layer decided on, as for a policy that can
                # exit anywhere (a static policy's own default runs its k layers as one call)
                "latency": lambda item: runners.exit_one(model, at[item[1]], item[0], head_layers=1),
@@ -186,6 +208,8 @@ def measure(model: EarlyExitModel, length: int, ks: list[int], mix: np.ndarray |
         ratio = lambda mode: [1 - e / d for e, d in zip(totals[mode], totals["dense"])]  # noqa: E731
         row = {"setting": name, "length": length, "saving": saving, "inputs": len(items), "rounds": args.rounds,
                "ms": {n: 1e3 * v / len(items) for n, v in med.items()}}
+        ceiling = [1 - float(np.mean(exit_at)) / L * p / d for p, d in zip(totals["plain_layers"], totals["dense"])]
+        row["plain_ceiling_ws_over_saving"] = float(np.median(ceiling)) / saving if saving > 0 else None
         for mode in ("latency", "latency_host", "device"):
             ws = float(np.median(ratio(mode)))
             row[f"{mode}_wall_saving"] = ws
@@ -232,7 +256,9 @@ def main():
     lines = [f"Batch-1 inputs: {args.inputs} random-token inputs per setting, {args.rounds} rounds, every mode "
              "alternated input by input (the PyTorch loops in a block of their own after the JAX modes each round); medians over rounds. `ws/s` = wall_saving / saving. Latency: pipelined "
              "(the default: policy on the device, layer i+1 queued before ramp i's flag is read); host decisions: "
-             "the host reads each ramp's logits and decides before the next dispatch. Batched: batch "
+             "the host reads each ramp's logits and decides before the next dispatch. Plain-step ceiling: "
+             "1 - (k / L) x t(every layer and ramp by the plain step, one function) / t(dense), over saving: "
+             "the most latency or device mode can reach with plain steps and no host cost. Batched: batch "
              f"{args.batch_size}, every row exiting at k, throughput over the dense model's and over the ideal "
              "1 / (1 - saving). PyTorch: transformers' BertModel layers in a DeeBERT-style loop (ramp on the first "
              f"token and a host read of its entropy after every layer), {args.torch_threads} threads.",
@@ -240,9 +266,9 @@ def main():
              "layers scaled to L, drawn per input.", ""]
     for scale, rows in results.items():
         lines += [f"### {scale}", "", "| exits | tokens | saving | dense ms | latency ms | latency ws/s | "
-                  "latency, host decisions: ws/s | device ws/s | batched x dense (x ideal) | torch eager ms | "
+                  "latency, host decisions: ws/s | device ws/s | plain-step ceiling ws/s | batched x dense (x ideal) | torch eager ms | "
                   "torch sdpa ms | jaxexit / torch eager | jaxexit / torch sdpa |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             def f(key, fmt="{:.2f}"):
                 return "-" if r.get(key) is None else fmt.format(r[key])
@@ -251,7 +277,7 @@ def main():
                        if "batched_throughput_ratio" in r else "-")
             lines.append(f"| {r['setting']} | {r['length']} | {r['saving']:.3f} | {ms['dense']:.1f} | {ms['latency']:.1f} | "
                          f"{f('latency_ws_over_saving')} | {f('latency_host_ws_over_saving')} | "
-                         f"{f('device_ws_over_saving')} | {batched} | "
+                         f"{f('device_ws_over_saving')} | {f('plain_ceiling_ws_over_saving')} | {batched} | "
                          f"{ms.get('torch_eager', float('nan')):.1f} | {ms.get('torch_sdpa', float('nan')):.1f} | "
                          f"{f('jax_over_torch_eager')} | {f('jax_over_torch_sdpa')} |")
         lines.append("")
