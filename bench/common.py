@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,14 +31,30 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
     return times[len(times) // 2]
 
 
+def machine() -> str:
+    """The processor, its widest vector instructions (the figures differ ~3x between these machines'
+    AVX-512 and AVX2-only CPUs) and the core count."""
+    parts = [platform.machine()]
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    details = ", ".join(x for x in (model, isa) if x)
+    return f"{parts[0]}{f' ({details})' if details else ''}, {os.cpu_count()} cores"
+
+
 def write_result(name: str, figures: dict, markdown: str) -> Path:
     """results/<name>.json and .md, both carrying the exact command and the machine."""
     import jax
 
     RESULTS.mkdir(exist_ok=True)
-    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
-    meta = {"command": command, "machine": f"{platform.processor() or platform.machine()}, "
-            f"{__import__('os').cpu_count()} cores", "jax": jax.__version__, "backend": jax.default_backend(),
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(REPO) if script.is_relative_to(REPO) else script
+    command = shlex.join(["python", str(script), *sys.argv[1:]])  # as typed in the repository's root
+    meta = {"command": command, "machine": machine(), "jax": jax.__version__, "backend": jax.default_backend(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
     (RESULTS / f"{name}.json").write_text(json.dumps({**meta, **figures}, indent=2) + "\n")
     header = f"Command: `{command}`  \nMachine: {meta['machine']}, JAX {meta['jax']} ({meta['backend']}), {meta['date']}\n\n"
