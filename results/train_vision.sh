@@ -61,3 +61,6 @@ if [ -f "results/vision/$name/analysis.json" ] && [ "results/vision/$name/analys
 else
   python infer/analyze.py "runs/$name" --out "results/vision/$name"
 fi
+if [ -f "$handoff" ] && [ -f "runs/$name/summary.json" ]; then
+  echo "runs/$name has finished: its handoff is no longer needed (git rm $handoff)"
+fi

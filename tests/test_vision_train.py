@@ -216,7 +216,9 @@ def test_handoff_packs_an_unfinished_run_that_the_script_then_resumes(folder, tm
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert (tmp_path / "analyze").read_text().split()[:2] == ["infer/analyze.py", "runs/cifar10-resnet56"]
-    assert "finished: skipped" in script().stdout  # a finished run is not trained again
+    assert "git rm handoff/cifar10-resnet56.tar.gz" in resumed.stdout  # the handoff has served
+    again = script()
+    assert "finished: skipped" in again.stdout and "git rm" in again.stdout  # a finished run is not trained again
 
 
 def test_run_directory_and_load_run(straight, folder):
