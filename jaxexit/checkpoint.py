@@ -12,9 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +28,57 @@ import orbax.checkpoint as ocp
 from jaxexit.config import EncoderConfig
 
 LATEST = "LATEST"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(Exception):
+    """A training run stopped on request (Ctrl-C or SIGTERM) after saving its state at `global_step`:
+    `--resume path` continues it exactly."""
+
+    def __init__(self, path: Path, global_step: int, signal_name: str):
+        super().__init__(f"stopped by {signal_name} at step {global_step}; its state is saved: "
+                         f"continue with --resume {path}")
+        self.path, self.global_step, self.signal_name = path, global_step, signal_name
+
+
+class StopRequest:
+    """Set by the first SIGINT or SIGTERM while `stop_on_signal` is active (`signal`: its name)."""
+
+    signal: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+@contextlib.contextmanager
+def stop_on_signal():
+    """While active, the first Ctrl-C or SIGTERM asks the training loop to stop after the step it is
+    in (the loop then saves its state and raises `Stopped`) instead of killing the process between
+    checkpoints; a second one acts as it would have without this. Off the main thread, where Python
+    cannot install handlers, nothing changes."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+    def restore():
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def handler(signum, frame):
+        restore()  # a second signal: the old behaviour (KeyboardInterrupt, or the process ends)
+        request.signal = signal.Signals(signum).name
+        log.warning("%s: stopping after this step and saving the state (again to stop at once)", request.signal)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield request
+    finally:
+        restore()
 
 
 def write_json(path: Path, obj) -> None:

@@ -99,6 +99,13 @@ def fail(message: str, exc: BaseException | None = None) -> None:
     raise SystemExit(2)
 
 
+def stopped(exc: BaseException) -> None:
+    """End a command whose run stopped on Ctrl-C or SIGTERM after saving (`checkpoint.Stopped`):
+    the message on one line, exit status 130 (the shell's for an interrupted command)."""
+    print(f"stopped: {exc}", file=sys.stderr)
+    raise SystemExit(130)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its errors (unknown flag, wrong type, bad choice) as one `error:` line."""
 

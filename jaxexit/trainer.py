@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from jaxexit import batches, console, glue, metrics, optim, parallel, steps
 from jaxexit.api import EarlyExitModel, init_lte
-from jaxexit.checkpoint import RunDir, timestamp, write_text
+from jaxexit.checkpoint import RunDir, Stopped, stop_on_signal, timestamp, write_text
 from jaxexit.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -193,33 +193,41 @@ def _train_stage(job: _Job, stage: int, params, total: int, offset: int, resume:
     scores = None
     bar = _progress(progress, total, STAGE_NAMES[stage], int(state["step"]))
     seen, tick = 0, time.time()
-    while (step := int(state["step"])) < total:
-        epoch, first = divmod(step, job.per_epoch)
-        for batch in batches.train_batches(job.tokenizer, job.train, cfg.batch_size, cfg.seed * 1000 + stage,
-                                           epoch, start=first):
-            state, out = step_fn(state, parallel.shard_batch(batch, mesh), rng)
-            step += 1
-            seen += cfg.batch_size
-            global_step = offset + step
-            if step % cfg.log_every == 0 or step == total:
-                loss = float(out["loss"])
-                rate = seen / max(time.time() - tick, 1e-9)
-                bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
-                run.log({"kind": "train", "stage": stage, "step": step, "global_step": global_step,
-                         "epoch": epoch, "loss": loss, "examples_per_s": rate, "time": round(time.time(), 1),
-                         "ramp_losses": np.asarray(out["ramp_losses"]).round(5).tolist()})
-                seen, tick = 0, time.time()
-            bar.update(1)
-            end_of_epoch = step % job.per_epoch == 0
-            if end_of_epoch or step == total:
-                scores = _evaluate(job, state["params"], stage, step, global_step, epoch + 1)
-            if end_of_epoch or step == total or step % cfg.save_every == 0:
-                run.save_state(global_step, state, {"stage": stage, "global_step": global_step, "step": step,
-                                                     "config": cfg.to_dict()})
-            if on_step is not None:
-                on_step(run, stage, step)
-            if step == total:
-                break
+    with stop_on_signal() as stop:
+        while (step := int(state["step"])) < total:
+            epoch, first = divmod(step, job.per_epoch)
+            for batch in batches.train_batches(job.tokenizer, job.train, cfg.batch_size, cfg.seed * 1000 + stage,
+                                               epoch, start=first):
+                state, out = step_fn(state, parallel.shard_batch(batch, mesh), rng)
+                step += 1
+                seen += cfg.batch_size
+                global_step = offset + step
+                if step % cfg.log_every == 0 or step == total:
+                    loss = float(out["loss"])
+                    rate = seen / max(time.time() - tick, 1e-9)
+                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
+                    run.log({"kind": "train", "stage": stage, "step": step, "global_step": global_step,
+                             "epoch": epoch, "loss": loss, "examples_per_s": rate, "time": round(time.time(), 1),
+                             "ramp_losses": np.asarray(out["ramp_losses"]).round(5).tolist()})
+                    seen, tick = 0, time.time()
+                bar.update(1)
+                end_of_epoch = step % job.per_epoch == 0
+                if end_of_epoch or step == total:
+                    scores = _evaluate(job, state["params"], stage, step, global_step, epoch + 1)
+                meta = {"stage": stage, "global_step": global_step, "step": step, "config": cfg.to_dict()}
+                saved = end_of_epoch or step == total or step % cfg.save_every == 0
+                if saved:
+                    run.save_state(global_step, state, meta)
+                if on_step is not None:
+                    on_step(run, stage, step)
+                if stop:  # Ctrl-C / SIGTERM: save this step, then stop
+                    if not saved:
+                        run.save_state(global_step, state, meta)
+                    run.wait()
+                    bar.close()
+                    raise Stopped(run.path, global_step, stop.signal)
+                if step == total:
+                    break
     bar.close()
     return state["params"], scores
 

@@ -15,7 +15,9 @@ and checkpoints, the final model and summary) -> `load_run`.
 * Resume: the state `{"params", "batch_stats", "opt_state", "step"}` is checkpointed (orbax,
   through `checkpoint.RunDir`) every `save_every` steps and at every epoch's end; batches depend
   only on `(seed, epoch, batch index)` (`images.train_batches`), so a resumed run takes exactly
-  the steps an uninterrupted one takes and ends with the same variables.
+  the steps an uninterrupted one takes and ends with the same variables. Ctrl-C or SIGTERM saves
+  the step in progress and stops the run (`checkpoint.Stopped`) instead of losing the steps since
+  the last checkpoint.
 
 Run directory `<output_dir>/<run_name>/`: `train_config.json` (every setting), `resnet_config.json`,
 `metrics.jsonl` (train and eval records), `layers.csv` (per-exit test accuracy, the last
@@ -42,7 +44,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from jaxexit import console, images, parallel, resnet, steps
-from jaxexit.checkpoint import RunDir, read_json, timestamp, write_json, write_text
+from jaxexit.checkpoint import RunDir, Stopped, read_json, stop_on_signal, timestamp, write_json, write_text
 from jaxexit.resnet import ResNetConfig
 from jaxexit.vision_config import VisionTrainConfig
 
@@ -290,37 +292,47 @@ def train(cfg: VisionTrainConfig | None, resume: str | None = None, progress: bo
     bar = _progress(progress, total, f"resnet{cfg.depth}", step)
     seen, tick = 0, time.time()
     mean, std = cfg.normalization
-    while step < total:
-        epoch, first = divmod(step, per_epoch)
-        for batch in images.train_batches(data.train_images, data.train_labels, cfg.batch_size, cfg.seed, epoch,
-                                          first, mean=mean, std=std):
-            clock.start()
-            state, out = train_step(model_cfg, opt, state, parallel.shard_batch(batch, mesh))
-            if clock.first_step_s is None:
-                clock.stop(state)
-            step += 1
-            seen += cfg.batch_size
-            if step % cfg.log_every == 0 or step == total:
-                loss = float(out["loss"])
-                rate = seen / max(time.time() - tick, 1e-9)
-                bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
-                run.log({"kind": "train", "step": step, "global_step": step, "epoch": epoch, "loss": loss,
-                         "lr": float(lr(step - 1)), "final_exit_accuracy": float(out["final_exit_accuracy"]),
-                         "examples_per_s": rate, "time": round(time.time(), 1),
-                         "exit_losses": np.asarray(out["exit_losses"]).round(5).tolist()})
-                seen, tick = 0, time.time()
-            bar.update(1)
-            end_of_epoch = step % per_epoch == 0
-            if end_of_epoch or step == total or (cfg.save_every and step % cfg.save_every == 0):
-                clock.stop(state)  # evaluation and checkpoints do not count as training time
-                if end_of_epoch or step == total:
-                    scores = evaluate(state, step, epoch + 1)
-                run.save_state(step, state, {"global_step": step, "step": step, "epoch": epoch,
-                                             "train_examples": len(data.train_images), "config": cfg.to_dict()})
-            if on_step is not None:
-                on_step(run, step)
-            if step == total:
-                break
+    with stop_on_signal() as stop:
+        while step < total:
+            epoch, first = divmod(step, per_epoch)
+            for batch in images.train_batches(data.train_images, data.train_labels, cfg.batch_size, cfg.seed, epoch,
+                                              first, mean=mean, std=std):
+                clock.start()
+                state, out = train_step(model_cfg, opt, state, parallel.shard_batch(batch, mesh))
+                if clock.first_step_s is None:
+                    clock.stop(state)
+                step += 1
+                seen += cfg.batch_size
+                if step % cfg.log_every == 0 or step == total:
+                    loss = float(out["loss"])
+                    rate = seen / max(time.time() - tick, 1e-9)
+                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
+                    run.log({"kind": "train", "step": step, "global_step": step, "epoch": epoch, "loss": loss,
+                             "lr": float(lr(step - 1)), "final_exit_accuracy": float(out["final_exit_accuracy"]),
+                             "examples_per_s": rate, "time": round(time.time(), 1),
+                             "exit_losses": np.asarray(out["exit_losses"]).round(5).tolist()})
+                    seen, tick = 0, time.time()
+                bar.update(1)
+                end_of_epoch = step % per_epoch == 0
+                meta = {"global_step": step, "step": step, "epoch": epoch, "train_examples": len(data.train_images),
+                        "config": cfg.to_dict()}
+                saved = end_of_epoch or step == total or bool(cfg.save_every and step % cfg.save_every == 0)
+                if saved:
+                    clock.stop(state)  # evaluation and checkpoints do not count as training time
+                    if end_of_epoch or step == total:
+                        scores = evaluate(state, step, epoch + 1)
+                    run.save_state(step, state, meta)
+                if on_step is not None:
+                    on_step(run, step)
+                if stop:  # Ctrl-C / SIGTERM: save this step, then stop
+                    if not saved:
+                        clock.stop(state)
+                        run.save_state(step, state, meta)
+                    run.wait()
+                    bar.close()
+                    raise Stopped(run.path, step, stop.signal)
+                if step == total:
+                    break
     clock.stop(state)
     bar.close()
     run.wait()

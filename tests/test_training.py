@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 import tiny
 from conftest import REPO
 from jaxexit import EarlyExitModel, EncoderConfig, optim, steps
-from jaxexit.checkpoint import RunDir
+from jaxexit.checkpoint import RunDir, Stopped
 from jaxexit.train_config import TrainConfig
 from jaxexit.trainer import finetune
 
@@ -281,6 +282,30 @@ def test_killed_run_resumes_to_the_same_parameters(tiny_setup, tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     steps_logged = [r["step"] for r in resumed.records() if r["kind"] == "train" and r["stage"] == 1]
     assert steps_logged == sorted(set(steps_logged))  # records past the checkpoint were dropped, not duplicated
+
+
+def test_ctrl_c_saves_the_step_and_the_run_resumes_exactly(tiny_setup, tmp_path):
+    """Ctrl-C (SIGINT) during step 5 of 8 (checkpoints every 3 steps): the run saves step 5,
+    raises `Stopped` and restores the previous handler; resumed, it ends with the parameters of an
+    uninterrupted run."""
+    cfg = _cfg(tiny_setup, tmp_path, run_name="stopped", scheme="joint", max_steps=8)
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupt(run, stage, step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Stopped, match="SIGINT at step 5.*--resume"):
+        finetune(cfg, progress=False, on_step=interrupt)
+    assert signal.getsignal(signal.SIGINT) is before
+    stopped = RunDir(tmp_path / "runs" / "stopped")
+    assert not stopped.has_model() and stopped.latest_meta()["step"] == 5
+    resumed = finetune(cfg, resume=str(stopped.path), progress=False)
+    straight = finetune(cfg.replace(run_name="straight"), progress=False)
+    a, b = _leaves(resumed.load_params()), _leaves(straight.load_params())
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 DEVICES_SCRIPT = """

@@ -10,9 +10,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 
 from jaxexit import resnet, vision_train
+from jaxexit.checkpoint import RunDir, Stopped
 from jaxexit.vision_config import VisionTrainConfig
 from jaxexit.vision_train import OptimizerSpec
 
@@ -162,6 +165,33 @@ def test_interrupted_run_resumes_to_the_same_variables(folder, tmp_path, straigh
     assert resumed.summary["per_layer"] == straight.summary["per_layer"]
     logged = [r["step"] for r in resumed.run.records() if r["kind"] == "train"]
     assert logged == list(range(1, 13))  # the records of step 5 (past the checkpoint) were dropped, not repeated
+
+
+def test_sigterm_saves_the_step_and_the_run_resumes_exactly(folder, tmp_path, straight, capsys):
+    """SIGTERM during step 5 (checkpoints at 4, 6, 8): the run saves step 5 and raises `Stopped`;
+    resumed, it ends with the uninterrupted run's variables. The command line says so and exits 130."""
+    cfg = _cfg(folder, tmp_path, run_name="terminated")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate(run, step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Stopped, match="SIGTERM at step 5") as stopped:
+        vision_train.train(cfg, progress=False, on_step=terminate)
+    assert signal.getsignal(signal.SIGTERM) is before
+    path = tmp_path / "runs" / "terminated"
+    assert RunDir(path).latest_meta()["step"] == 5 and not (path / "summary.json").exists()
+    resumed = vision_train.train(None, resume=str(path), progress=False)
+    a, b = _leaves(resumed.variables), _leaves(straight.variables)
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+    cli = _cli()
+    with mock.patch.object(cli, "train", side_effect=stopped.value), pytest.raises(SystemExit) as out:
+        cli.main(["--resume", str(path), "--no-progress"])
+    assert out.value.code == 130
+    assert f"--resume {path}" in capsys.readouterr().err
 
 
 def test_handoff_packs_an_unfinished_run_that_the_script_then_resumes(folder, tmp_path, straight):

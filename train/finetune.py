@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 from jaxexit import console, train_config  # noqa: E402
+from jaxexit.checkpoint import Stopped  # noqa: E402
 from jaxexit.trainer import finetune  # noqa: E402
 
 
@@ -28,6 +29,8 @@ def main(argv=None):
     try:
         cfg = train_config.from_arguments(args)
         run = finetune(cfg, resume=args.resume, progress=not args.no_progress)
+    except Stopped as e:
+        console.stopped(e)
     except console.USER_ERRORS as e:
         console.fail(str(e), e)
     print(f"run directory: {run.path} (log: {run.path / console.LOG_FILE})")

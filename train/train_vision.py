@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 from jaxexit import console, vision_config  # noqa: E402
+from jaxexit.checkpoint import Stopped  # noqa: E402
 from jaxexit.vision_train import format_table, train  # noqa: E402
 
 
@@ -29,6 +30,8 @@ def main(argv=None):
         given = args.config is not None or vision_config.overrides(args)
         cfg = vision_config.from_arguments(args) if given or not args.resume else None
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except Stopped as e:
+        console.stopped(e)
     except console.USER_ERRORS as e:
         console.fail(str(e), e)
     summary, run = result.summary, result.run
