@@ -34,16 +34,18 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
 def machine() -> str:
     """The processor, its widest vector instructions (the figures differ ~3x between these machines'
     AVX-512 and AVX2-only CPUs) and the core count."""
-    parts = [platform.machine()]
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         info = ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    fields = {}  # the first processor's "key: value" lines
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-    details = ", ".join(x for x in (model, isa) if x)
-    return f"{parts[0]}{f' ({details})' if details else ''}, {os.cpu_count()} cores"
+    details = ", ".join(x for x in (fields.get("model name", ""), isa) if x)
+    return f"{platform.machine()}{f' ({details})' if details else ''}, {os.cpu_count()} cores"
 
 
 def write_result(name: str, figures: dict, markdown: str) -> Path:

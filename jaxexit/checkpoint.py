@@ -191,6 +191,14 @@ class RunDir:
         if self._manager is not None:
             self._manager.wait_until_finished()
 
+    def stop(self, request: StopRequest, global_step: int, state, meta: dict, saved: bool):
+        """End a training loop that `request` (`stop_on_signal`) asked to stop: this step's state
+        saved (unless the loop just `saved` it) and written out, then `Stopped` raised."""
+        if not saved:
+            self.save_state(global_step, state, meta)
+        self.wait()
+        raise Stopped(self.path, global_step, request.signal)
+
     # ---- the final model -------------------------------------------------------------------------
     def save_model(self, params, summary: dict) -> None:
         """The parameters inference uses (the last step of the last stage), then summary.json."""

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from jaxexit import batches, console, glue, metrics, optim, parallel, steps
 from jaxexit.api import EarlyExitModel, init_lte
-from jaxexit.checkpoint import RunDir, Stopped, stop_on_signal, timestamp, write_text
+from jaxexit.checkpoint import RunDir, stop_on_signal, timestamp, write_text
 from jaxexit.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,8 @@ def _train_stage(job: _Job, stage: int, params, total: int, offset: int, resume:
     scores = None
     bar = _progress(progress, total, STAGE_NAMES[stage], int(state["step"]))
     seen, tick = 0, time.time()
+    meta = lambda step: {"stage": stage, "global_step": offset + step, "step": step,  # noqa: E731
+                         "config": cfg.to_dict()}
     with stop_on_signal() as stop:
         while (step := int(state["step"])) < total:
             epoch, first = divmod(step, job.per_epoch)
@@ -214,18 +216,14 @@ def _train_stage(job: _Job, stage: int, params, total: int, offset: int, resume:
                 end_of_epoch = step % job.per_epoch == 0
                 if end_of_epoch or step == total:
                     scores = _evaluate(job, state["params"], stage, step, global_step, epoch + 1)
-                meta = {"stage": stage, "global_step": global_step, "step": step, "config": cfg.to_dict()}
                 saved = end_of_epoch or step == total or step % cfg.save_every == 0
                 if saved:
-                    run.save_state(global_step, state, meta)
+                    run.save_state(global_step, state, meta(step))
                 if on_step is not None:
                     on_step(run, stage, step)
                 if stop:  # Ctrl-C / SIGTERM: save this step, then stop
-                    if not saved:
-                        run.save_state(global_step, state, meta)
-                    run.wait()
                     bar.close()
-                    raise Stopped(run.path, global_step, stop.signal)
+                    run.stop(stop, global_step, state, meta(step), saved)
                 if step == total:
                     break
     bar.close()

@@ -44,7 +44,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from jaxexit import console, images, parallel, resnet, steps
-from jaxexit.checkpoint import RunDir, Stopped, read_json, stop_on_signal, timestamp, write_json, write_text
+from jaxexit.checkpoint import RunDir, read_json, stop_on_signal, timestamp, write_json, write_text
 from jaxexit.resnet import ResNetConfig
 from jaxexit.vision_config import VisionTrainConfig
 
@@ -292,6 +292,8 @@ def train(cfg: VisionTrainConfig | None, resume: str | None = None, progress: bo
     bar = _progress(progress, total, f"resnet{cfg.depth}", step)
     seen, tick = 0, time.time()
     mean, std = cfg.normalization
+    meta = lambda step, epoch: {"global_step": step, "step": step, "epoch": epoch,  # noqa: E731
+                                "train_examples": len(data.train_images), "config": cfg.to_dict()}
     with stop_on_signal() as stop:
         while step < total:
             epoch, first = divmod(step, per_epoch)
@@ -314,23 +316,17 @@ def train(cfg: VisionTrainConfig | None, resume: str | None = None, progress: bo
                     seen, tick = 0, time.time()
                 bar.update(1)
                 end_of_epoch = step % per_epoch == 0
-                meta = {"global_step": step, "step": step, "epoch": epoch, "train_examples": len(data.train_images),
-                        "config": cfg.to_dict()}
                 saved = end_of_epoch or step == total or bool(cfg.save_every and step % cfg.save_every == 0)
                 if saved:
                     clock.stop(state)  # evaluation and checkpoints do not count as training time
                     if end_of_epoch or step == total:
                         scores = evaluate(state, step, epoch + 1)
-                    run.save_state(step, state, meta)
+                    run.save_state(step, state, meta(step, epoch))
                 if on_step is not None:
                     on_step(run, step)
                 if stop:  # Ctrl-C / SIGTERM: save this step, then stop
-                    if not saved:
-                        clock.stop(state)
-                        run.save_state(step, state, meta)
-                    run.wait()
                     bar.close()
-                    raise Stopped(run.path, step, stop.signal)
+                    run.stop(stop, step, state, meta(step, epoch), saved)
                 if step == total:
                     break
     clock.stop(state)

@@ -25,6 +25,14 @@ def _leaves(tree):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _assert_same_params(got: RunDir, expected: RunDir) -> None:
+    """The two runs' final parameters, bit for bit."""
+    a, b = _leaves(got.load_params()), _leaves(expected.load_params())
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def _tiny_model(**overrides):
     fields = dict(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
                   intermediate_size=24, max_position_embeddings=16, num_labels=2)
@@ -276,10 +284,7 @@ def test_killed_run_resumes_to_the_same_parameters(tiny_setup, tmp_path):
     assert not killed.has_model() and killed.latest_meta()["step"] == 3
     resumed = finetune(cfg, resume=str(killed.path), progress=False)
     straight = finetune(cfg.replace(run_name="straight"), progress=False)
-    a, b = _leaves(resumed.load_params()), _leaves(straight.load_params())
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _assert_same_params(resumed, straight)
     steps_logged = [r["step"] for r in resumed.records() if r["kind"] == "train" and r["stage"] == 1]
     assert steps_logged == sorted(set(steps_logged))  # records past the checkpoint were dropped, not duplicated
 
@@ -302,10 +307,7 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes_exactly(tiny_setup, tmp_path)
     assert not stopped.has_model() and stopped.latest_meta()["step"] == 5
     resumed = finetune(cfg, resume=str(stopped.path), progress=False)
     straight = finetune(cfg.replace(run_name="straight"), progress=False)
-    a, b = _leaves(resumed.load_params()), _leaves(straight.load_params())
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _assert_same_params(resumed, straight)
 
 
 DEVICES_SCRIPT = """

@@ -68,6 +68,14 @@ def _leaves(tree) -> dict:
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _assert_same_variables(got, expected) -> None:
+    """The same leaves, bit for bit."""
+    a, b = _leaves(got), _leaves(expected)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 # ---- the loss and the optimiser ------------------------------------------------------------------
 
 def test_joint_loss_weights_exits_by_depth():
@@ -158,10 +166,7 @@ def test_interrupted_run_resumes_to_the_same_variables(folder, tmp_path, straigh
     path = tmp_path / "runs" / "interrupted"
     assert not (path / "summary.json").exists() and not (path / "model").exists()
     resumed = vision_train.train(None, resume=str(path), progress=False)
-    a, b = _leaves(resumed.variables), _leaves(straight.variables)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _assert_same_variables(resumed.variables, straight.variables)
     assert resumed.summary["per_layer"] == straight.summary["per_layer"]
     logged = [r["step"] for r in resumed.run.records() if r["kind"] == "train"]
     assert logged == list(range(1, 13))  # the records of step 5 (past the checkpoint) were dropped, not repeated
@@ -183,9 +188,7 @@ def test_sigterm_saves_the_step_and_the_run_resumes_exactly(folder, tmp_path, st
     path = tmp_path / "runs" / "terminated"
     assert RunDir(path).latest_meta()["step"] == 5 and not (path / "summary.json").exists()
     resumed = vision_train.train(None, resume=str(path), progress=False)
-    a, b = _leaves(resumed.variables), _leaves(straight.variables)
-    for k in b:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _assert_same_variables(resumed.variables, straight.variables)
 
     cli = _cli()
     with mock.patch.object(cli, "train", side_effect=stopped.value), pytest.raises(SystemExit) as out:
@@ -241,10 +244,7 @@ def test_handoff_packs_an_unfinished_run_that_the_script_then_resumes(folder, tm
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "unpacked handoff/cifar10-resnet56.tar.gz" in resumed.stdout
     _, variables = vision_train.load_run(run_dir)
-    a, b = _leaves(variables), _leaves(straight.variables)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _assert_same_variables(variables, straight.variables)
     assert (tmp_path / "analyze").read_text().split()[:2] == ["infer/analyze.py", "runs/cifar10-resnet56"]
     assert "git rm handoff/cifar10-resnet56.tar.gz" in resumed.stdout  # the handoff has served
     again = script()
