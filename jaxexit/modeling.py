@@ -91,6 +91,16 @@ def transpose_kernels(params: Params) -> Params:
     return out
 
 
+def untranspose_kernels(params: Params) -> Params:
+    """The inverse of `transpose_kernels`: every `kernel_t` back to `kernel` `[in, out]`, exactly."""
+    if not isinstance(params, dict):
+        return params
+    out = {k: untranspose_kernels(v) for k, v in params.items() if k != "kernel_t"}
+    if "kernel_t" in params:
+        out["kernel"] = jnp.asarray(np.ascontiguousarray(np.asarray(params["kernel_t"]).T))
+    return out
+
+
 def _dense(cfg: EncoderConfig, features: int, name: str) -> Dense:
     return Dense(features, dtype=jnp.dtype(cfg.dtype), kernel_init=nn.initializers.normal(cfg.initializer_range),
                  name=name)

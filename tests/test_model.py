@@ -239,3 +239,32 @@ def test_transposed_kernels_compute_the_same_numbers(overrides):
     if jax.default_backend() == "cpu":
         assert jax.tree.structure(model.step_params) == jax.tree.structure(moved)
     np.testing.assert_allclose(model.ramp_logits(batch), theirs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_an_inference_model_holds_each_kernel_once_and_still_gives_its_canonical_params():
+    """On the CPU inference computes with transposed kernels (`step_params`); once those exist the
+    model drops the canonical tree instead of keeping both (twice the kernels' memory), and
+    `params` rebuilds it exactly, so training from a model that has already run inference, or a new
+    model made from its `params`, sees the same numbers."""
+    from jaxexit import modeling
+
+    model = EarlyExitModel.from_config(tiny_config())
+    before = jax.tree.map(np.asarray, model.params)
+    kernel_bytes = sum(v.nbytes for p, v in jax.tree_util.tree_leaves_with_path(before)
+                       if jax.tree_util.keystr(p).endswith("['kernel']"))
+    logits = model.ramp_logits(tiny_batch())
+
+    def held(m):  # distinct arrays the model object keeps
+        leaves = {id(x): x for tree in vars(m).values() if isinstance(tree, dict) for x in jax.tree.leaves(tree)}
+        return sum(x.nbytes for x in leaves.values())
+
+    total = sum(v.nbytes for v in jax.tree.leaves(before))
+    if jax.default_backend() == "cpu":
+        assert held(model) == total  # not total + kernel_bytes
+        assert kernel_bytes > total / 2
+    again = model.params
+    assert jax.tree.structure(again) == jax.tree.structure(before)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(modeling.untranspose_kernels(model.step_params)) == jax.tree.structure(before)
+    np.testing.assert_array_equal(EarlyExitModel(model.config, again).ramp_logits(tiny_batch()), logits)
