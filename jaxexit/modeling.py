@@ -60,7 +60,7 @@ class Dense(nn.Module):
     Why: on CPU, XLA's product of a few rows by a kernel is faster when the kernel's rows are the
     output features (both operands then contract along contiguous memory): the BERT-base-shaped
     dense model at batch 1 takes 0.73x the time at 32 tokens, ~0.95x at 128, on 2 cores
-    (results/scale_speed_base.md). Training and checkpoints keep `kernel`; `EarlyExitModel` transposes a copy for inference.
+    (results/scale_speed_base.md). Training and checkpoints keep `kernel`; `EarlyExitModel` switches to `kernel_t` for inference (`step_params`).
     """
 
     features: int
