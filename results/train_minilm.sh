@@ -12,9 +12,10 @@
 #     stage 2 at lr 1e-3 (only the ramps train: a linear probe with a pooler, which 5e-5 moves too
 #     little in one epoch).
 #   * epochs: the recipe's 3 for MRPC, CoLA and STS-B; SST-2 1 per stage (~25-80 min per epoch,
-#     depending on the machine), one joint run with 2 (sst2-joint-e2); `sst2-joint-e3` (the recipe's
-#     3, ~80 min on the faster machine, ~3.5 h on the AVX2-only one) and `sst2-joint-per_ramp-e3` (the
-#     same with a pooler per ramp) are blocks of their own, not in the default list and not run yet.
+#     depending on the machine), one joint run with 2 (sst2-joint-e2); the recipe's 3 with a pooler per
+#     ramp (`sst2-joint-per_ramp-e3`, ~80 min on the faster machine, ~4 h on a slow one; run, over three
+#     sessions) and with the shared pooler (`sst2-joint-e3`, not run) are blocks of their own, not in
+#     the default list.
 #
 #   bash results/train_minilm.sh            # everything (~11 h on 2 cores); a rerun resumes or skips
 #   bash results/train_minilm.sh mrpc cola  # only these blocks
