@@ -5,7 +5,8 @@
 * batch-1 full-model latency against transformers' PyTorch BertModel on the same sentences and
   the same (pretrained MiniLM) weights;
 * batched mode at --batch-size 64 near the same saving: throughput against the full model;
-* on-device mode (lax.while_loop) at batch 1;
+* on-device mode (lax.while_loop) at batch 1; device and batched modes also paired with the full
+  model input by input (batch by batch), as latency mode is;
 * the offline sweep: seconds for every policy's grid after the single model pass.
 
     python bench/infer_speed.py [--checkpoint runs/<run>] [--target 0.4] [--limit 0]
@@ -20,6 +21,7 @@ import time
 
 from common import GLUE, MINILM, timed, write_result
 
+import jax
 import numpy as np
 
 from jaxexit import EarlyExitModel, batches, glue, metrics, offline, policies, runners
@@ -36,28 +38,57 @@ def closest_setting(rows, target: float, window: float = 0.05):
     return min(rows, key=lambda r: (abs(r["saving"] - target), -r["score"]))
 
 
+def paired(early, full, items: list, rounds: int) -> list[tuple[float, float]]:
+    """Seconds of `early(item)` and of `full(item)` over the same items, measured item by item in
+    alternating order for `rounds` rounds (so that the machine's noise hits both alike); returns
+    per-round (early, full) totals. Both must be warm (compiled for every item's shape)."""
+    out = []
+    for r in range(rounds):
+        totals = [0.0, 0.0]
+        for i, item in enumerate(items):
+            for which in ((0, 1) if (i + r) % 2 == 0 else (1, 0)):
+                start = time.perf_counter()
+                (early, full)[which](item)
+                totals[which] += time.perf_counter() - start
+        out.append((totals[0], totals[1]))
+    return out
+
+
 def paired_latency(model, policy, split, rounds: int, pipelined: bool = True, head_layers: int | None = None):
-    """Batch-1 seconds of the early-exit run and of the full model over the same inputs, measured
-    input by input in alternating order for `rounds` rounds (so that the machine's noise hits
-    both alike); returns per-round (early, full) totals. `head_layers`: see `runners.exit_one`."""
+    """`paired` over batch-1 inputs: the latency runner (`runners.exit_one`; `head_layers`: see
+    there) against the full model."""
     singles = runners.single_inputs(model, split)
     runners.warm_up(model.final_logits, singles, 2)
     runners.warm_up(lambda b: runners.warm_latency(model, policy, b, pipelined, head_layers), singles, 2)
-    out = []
-    for r in range(rounds):
-        early = full = 0.0
-        for i, b in enumerate(singles):
-            order = (0, 1) if (i + r) % 2 == 0 else (1, 0)
-            for which in order:
-                start = time.perf_counter()
-                runners.exit_one(model, policy, b, pipelined, head_layers) if which == 0 else model.final_logits(b)
-                took = time.perf_counter() - start
-                if which == 0:
-                    early += took
-                else:
-                    full += took
-        out.append((early, full))
-    return out
+    return paired(lambda b: runners.exit_one(model, policy, b, pipelined, head_layers), model.final_logits,
+                  singles, rounds)
+
+
+def paired_device(model, policy, split, rounds: int):
+    """`paired` over batch-1 inputs: the on-device loop (`runners.device_exits`) against the full model."""
+    singles = runners.single_inputs(model, split)
+
+    def early(b):
+        first_token = model.first_token_steps(b["input_ids"].shape)
+        jax.block_until_ready(runners.device_exits(model.config, model.step_params, b, policy, first_token=first_token))
+    runners.warm_up(model.final_logits, singles, 1)
+    runners.warm_up(early, singles, 1)
+    return paired(early, model.final_logits, singles, rounds)
+
+
+def paired_batched(model, policy, split, batch_size: int, rounds: int):
+    """`paired` over batches of `batch_size` rows: the batched runner (`runners.exit_batch`, exited
+    rows leaving the batch) against the full model on the same batch."""
+    chunks = runners._chunks(model, split, batch_size)
+    runners.warm_up(lambda b: runners.warm_exit_batch(model, b, batch_size), [b for _, b in chunks], 1)
+    runners.warm_up(model.final_logits, [b for _, b in chunks], 1)
+    return paired(lambda c: runners.exit_batch(model, policy, c[1], len(c[0])), lambda c: model.final_logits(c[1]),
+                  chunks, rounds)
+
+
+def median_ratio(pairs: list[tuple[float, float]], of) -> float:
+    values = sorted(of(e, f) for e, f in pairs)
+    return values[len(values) // 2]
 
 
 def torch_latency(sentences_batches, repeats: int = 1) -> float | None:
@@ -107,18 +138,23 @@ def main():
 
     latency = runners.run_latency(model, policy, split)
     _, full_latency = runners.run_full_latency(model, split)
-    paired = paired_latency(model, policy, split, args.rounds)
-    paired_ratios = sorted(1 - e / f for e, f in paired)
+    paired_lat = paired_latency(model, policy, split, args.rounds)
+    paired_ratios = sorted(1 - e / f for e, f in paired_lat)
     host = paired_latency(model, policy, split, args.rounds, pipelined=False)
     host_ratios = sorted(1 - e / f for e, f in host)
     # the pipelined steps without the first call's fusion of the layers no row can exit at (a
     # policy that can exit at layer 1 has none: the run above is that measurement)
     fused = policies.earliest_exit(policy) - 1
-    per_call = paired_latency(model, policy, split, args.rounds, head_layers=1) if fused else paired
+    per_call = paired_latency(model, policy, split, args.rounds, head_layers=1) if fused else paired_lat
     per_call_ratios = sorted(1 - e / f for e, f in per_call)
     batched = runners.run_batched(model, policy, split, args.batch_size)
     _, full_batched = runners.run_full_batched(model, split, args.batch_size)
     device = runners.run_on_device(model, policy, split, 1)
+    # device and batched modes against the full model, alternated as latency mode is (the runs
+    # above give their exits and a one-off time each, taken apart from the full model's)
+    device_pairs = paired_device(model, policy, split, args.rounds)
+    batched_pairs = paired_batched(model, policy, split, args.batch_size, args.rounds)
+    ideal = 1 / (1 - offline.efficiency(latency.exit_layer, model.num_layers)["saving"])
     # Host-decision overhead per layer: every layer dispatched and decided on (static k = L, so the
     # same work as the full model) against the full model compiled as one function.
     sample = split.take(np.arange(min(200, len(split))))
@@ -140,9 +176,9 @@ def main():
         "score": float(metrics.accuracy(latency.prediction, labels)),
         "full_score": float(metrics.accuracy(cached[-1].argmax(-1), labels)),
         "saving": saving, "avg_layers": float(latency.exit_layer.mean()),
-        "latency_paired": {"rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in paired],
-                           "median_wall_saving": paired_ratios[len(paired) // 2],
-                           "median_wall_saving_over_saving": paired_ratios[len(paired) // 2] / saving if saving else None},
+        "latency_paired": {"rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in paired_lat],
+                           "median_wall_saving": paired_ratios[len(paired_lat) // 2],
+                           "median_wall_saving_over_saving": paired_ratios[len(paired_lat) // 2] / saving if saving else None},
         "latency_paired_host_decisions": {
             "rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in host],
             "median_wall_saving": host_ratios[len(host) // 2],
@@ -162,6 +198,13 @@ def main():
                                    "full_model_s": per_layer[1], "ms_per_layer": overhead_ms,
                                    "fraction_of_a_layer": overhead_ms / (1000 * per_layer[1] / len(sample) / model.num_layers)},
         "device_batch1": {"early_exit_s": device.seconds, "wall_saving": 1 - device.seconds / full_latency},
+        "device_paired": {"rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in device_pairs],
+                          "median_wall_saving": median_ratio(device_pairs, lambda e, f: 1 - e / f),
+                          "median_wall_saving_over_saving": median_ratio(device_pairs, lambda e, f: 1 - e / f) / saving if saving else None},
+        "batched_paired": {"rounds": [{"early_exit_s": e, "full_model_s": f, "throughput_ratio": f / e} for e, f in batched_pairs],
+                           "median_throughput_ratio": median_ratio(batched_pairs, lambda e, f: f / e),
+                           "ideal_throughput_ratio": ideal,
+                           "median_over_ideal": median_ratio(batched_pairs, lambda e, f: f / e) / ideal},
         "sweep": {"settings": len(rows), "seconds": sweep_seconds, "model_pass_seconds": pass_seconds},
         "modes_agree": bool(np.array_equal(latency.exit_layer, batched.exit_layer)
                             and np.array_equal(latency.exit_layer, device.exit_layer)),
@@ -182,8 +225,13 @@ def main():
           f"| the same with host decisions (`exit_one(pipelined=False)`): median wall_saving / saving | "
           f"{f['latency_paired_host_decisions']['median_wall_saving_over_saving']:.3f} |\n"
           f"| host-decision overhead per layer (batch 1, all L layers stepped vs the full model, {len(sample)} inputs) | {overhead_ms:.3f} ms = {f['host_decision_overhead']['fraction_of_a_layer']:.2f} of a layer |\n"
-          f"| on-device loop, batch 1: wall_saving | {f['device_batch1']['wall_saving']:.3f} |\n"
-          f"| batched (batch {args.batch_size}): full model / early exit time = **throughput ratio** | **{f['batched']['throughput_ratio']:.2f}x** |\n")
+          f"| on-device loop, batch 1: wall_saving (one run against the latency row's full-model time) | {f['device_batch1']['wall_saving']:.3f} |\n"
+          f"| on-device loop, batch 1, paired per input ({args.rounds} rounds): median wall_saving / saving | **{f['device_paired']['median_wall_saving_over_saving']:.3f}** "
+          f"(wall_saving {f['device_paired']['median_wall_saving']:.3f}; rounds " + ", ".join(f"{r['wall_saving']:.3f}" for r in f["device_paired"]["rounds"]) + ") |\n"
+          f"| batched (batch {args.batch_size}): full model / early exit time = **throughput ratio** (one run each) | **{f['batched']['throughput_ratio']:.2f}x** |\n"
+          f"| batched, paired per batch ({args.rounds} rounds): median throughput ratio, over the ideal 1 / (1 - saving) = {ideal:.2f}x | "
+          f"**{f['batched_paired']['median_throughput_ratio']:.2f}x** ({f['batched_paired']['median_over_ideal']:.2f} of ideal; rounds "
+          + ", ".join(f"{r['throughput_ratio']:.2f}" for r in f["batched_paired"]["rounds"]) + ") |\n")
     if torch_full:
         md += f"| batch-1 full model, JAX / PyTorch BertModel time | **{f['batch1_full_model_vs_torch']['ratio']:.3f}** ({jax_full:.2f} s / {torch_full:.2f} s) |\n"
     md += (f"| offline sweep: {len(rows)} settings after one pass | {sweep_seconds:.3f} s (the pass: {pass_seconds:.1f} s) |\n"
