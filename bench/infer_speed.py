@@ -91,6 +91,13 @@ def median_ratio(pairs: list[tuple[float, float]], of) -> float:
     return values[len(values) // 2]
 
 
+def wall_figures(pairs: list[tuple[float, float]], saving: float) -> dict:
+    """`paired`'s per-round (early, full) totals as wall savings, their median, and that over `saving`."""
+    median = median_ratio(pairs, lambda e, f: 1 - e / f)
+    return {"rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in pairs],
+            "median_wall_saving": median, "median_wall_saving_over_saving": median / saving if saving else None}
+
+
 def torch_latency(sentences_batches, repeats: int = 1) -> float | None:
     try:
         import torch
@@ -139,14 +146,11 @@ def main():
     latency = runners.run_latency(model, policy, split)
     _, full_latency = runners.run_full_latency(model, split)
     paired_lat = paired_latency(model, policy, split, args.rounds)
-    paired_ratios = sorted(1 - e / f for e, f in paired_lat)
     host = paired_latency(model, policy, split, args.rounds, pipelined=False)
-    host_ratios = sorted(1 - e / f for e, f in host)
     # the pipelined steps without the first call's fusion of the layers no row can exit at (a
     # policy that can exit at layer 1 has none: the run above is that measurement)
     fused = policies.earliest_exit(policy) - 1
     per_call = paired_latency(model, policy, split, args.rounds, head_layers=1) if fused else paired_lat
-    per_call_ratios = sorted(1 - e / f for e, f in per_call)
     batched = runners.run_batched(model, policy, split, args.batch_size)
     _, full_batched = runners.run_full_batched(model, split, args.batch_size)
     device = runners.run_on_device(model, policy, split, 1)
@@ -154,7 +158,6 @@ def main():
     # above give their exits and a one-off time each, taken apart from the full model's)
     device_pairs = paired_device(model, policy, split, args.rounds)
     batched_pairs = paired_batched(model, policy, split, args.batch_size, args.rounds)
-    ideal = 1 / (1 - offline.efficiency(latency.exit_layer, model.num_layers)["saving"])
     # Host-decision overhead per layer: every layer dispatched and decided on (static k = L, so the
     # same work as the full model) against the full model compiled as one function.
     sample = split.take(np.arange(min(200, len(split))))
@@ -162,6 +165,7 @@ def main():
     per_layer = paired_latency(model, every, sample, 1, head_layers=1)[0]
     overhead_ms = 1000 * (per_layer[0] - per_layer[1]) / len(sample) / model.num_layers
     saving = offline.efficiency(latency.exit_layer, model.num_layers)["saving"]
+    ideal = 1 / (1 - saving)  # batched mode's throughput ratio if exited rows cost nothing
     wall_saving = 1 - latency.seconds / full_latency
 
     # Batch-1 full model against PyTorch, same sentences, same pretrained weights.
@@ -176,17 +180,9 @@ def main():
         "score": float(metrics.accuracy(latency.prediction, labels)),
         "full_score": float(metrics.accuracy(cached[-1].argmax(-1), labels)),
         "saving": saving, "avg_layers": float(latency.exit_layer.mean()),
-        "latency_paired": {"rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in paired_lat],
-                           "median_wall_saving": paired_ratios[len(paired_lat) // 2],
-                           "median_wall_saving_over_saving": paired_ratios[len(paired_lat) // 2] / saving if saving else None},
-        "latency_paired_host_decisions": {
-            "rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in host],
-            "median_wall_saving": host_ratios[len(host) // 2],
-            "median_wall_saving_over_saving": host_ratios[len(host) // 2] / saving if saving else None},
-        "latency_paired_a_call_per_layer": {
-            "rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in per_call],
-            "median_wall_saving": per_call_ratios[len(per_call) // 2],
-            "median_wall_saving_over_saving": per_call_ratios[len(per_call) // 2] / saving if saving else None},
+        "latency_paired": wall_figures(paired_lat, saving),
+        "latency_paired_host_decisions": wall_figures(host, saving),
+        "latency_paired_a_call_per_layer": wall_figures(per_call, saving),
         "latency": {"early_exit_s": latency.seconds, "full_model_s": full_latency, "wall_saving": wall_saving,
                     "wall_saving_over_saving": wall_saving / saving if saving else None,
                     "ms_per_input_early_exit": 1000 * latency.seconds / n, "ms_per_input_full": 1000 * full_latency / n},
@@ -198,9 +194,7 @@ def main():
                                    "full_model_s": per_layer[1], "ms_per_layer": overhead_ms,
                                    "fraction_of_a_layer": overhead_ms / (1000 * per_layer[1] / len(sample) / model.num_layers)},
         "device_batch1": {"early_exit_s": device.seconds, "wall_saving": 1 - device.seconds / full_latency},
-        "device_paired": {"rounds": [{"early_exit_s": e, "full_model_s": f, "wall_saving": 1 - e / f} for e, f in device_pairs],
-                          "median_wall_saving": median_ratio(device_pairs, lambda e, f: 1 - e / f),
-                          "median_wall_saving_over_saving": median_ratio(device_pairs, lambda e, f: 1 - e / f) / saving if saving else None},
+        "device_paired": wall_figures(device_pairs, saving),
         "batched_paired": {"rounds": [{"early_exit_s": e, "full_model_s": f, "throughput_ratio": f / e} for e, f in batched_pairs],
                            "median_throughput_ratio": median_ratio(batched_pairs, lambda e, f: f / e),
                            "ideal_throughput_ratio": ideal,
