@@ -24,9 +24,11 @@ from common import GLUE, MINILM, timed, write_result
 import jax
 import numpy as np
 
-from jaxexit import EarlyExitModel, batches, glue, metrics, offline, policies, runners
-from jaxexit.inference import resolve_run
-from jaxexit.policies import make_policy
+from jaxexit.text import batches, glue, metrics
+from jaxexit.exits import offline, policies, runners
+from jaxexit import EarlyExitModel
+from jaxexit.cli.infer import resolve_run
+from jaxexit.exits.policies import make_policy
 
 
 def closest_setting(rows, target: float, window: float = 0.05):

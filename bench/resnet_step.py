@@ -1,5 +1,5 @@
 """Training-step time of the 27-exit ResNet-56 (CIFAR, batch 128, 32x32) with the convolution
-kernel gradient computed two ways: `taps` (jaxexit.resnet.conv3x3: 9 per-tap batched products,
+kernel gradient computed two ways: `taps` (jaxexit.vision.resnet.conv3x3: 9 per-tap batched products,
 the CPU default) and `xla` (XLA's own convolution gradient, the default elsewhere).
 
     python bench/resnet_step.py [--batch-size 128] [--steps 3] [--rounds 3]
@@ -19,7 +19,7 @@ from common import write_result
 import jax
 import numpy as np
 
-from jaxexit import resnet, vision_train
+from jaxexit.vision import resnet, train as vision_train
 
 
 def main() -> None:

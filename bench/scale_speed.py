@@ -39,8 +39,10 @@ from common import GLUE, MINILM, write_result
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxexit import EarlyExitModel, batches, glue, metrics, modeling, offline, policies, runners  # noqa: E402
-from jaxexit.config import EncoderConfig  # noqa: E402
+from jaxexit.text import batches, glue, metrics, modeling  # noqa: E402
+from jaxexit.exits import offline, policies, runners
+from jaxexit import EarlyExitModel
+from jaxexit.text.config import EncoderConfig  # noqa: E402
 
 BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
             intermediate_size=3072, max_position_embeddings=512, num_labels=2)

@@ -16,7 +16,9 @@ from common import GLUE, MINILM, timed, write_result
 import jax
 import numpy as np
 
-from jaxexit import EarlyExitModel, batches, glue, optim, steps
+from jaxexit.text import batches, glue, steps
+from jaxexit.training import optim
+from jaxexit import EarlyExitModel
 
 
 def jax_step_times(batch, stage: int, pooler: str, repeats: int) -> float:

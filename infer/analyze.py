@@ -22,8 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from jaxexit import analysis, console, glue  # noqa: E402
-from jaxexit.checkpoint import RunDir  # noqa: E402
+from jaxexit import analysis  # noqa: E402
+from jaxexit.cli import console
+from jaxexit.text import glue
+from jaxexit.training.checkpoint import RunDir  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

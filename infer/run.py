@@ -14,8 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from jaxexit import console, runners  # noqa: E402
-from jaxexit.inference import add_policy_flags, main_cli  # noqa: E402
+from jaxexit.cli import console  # noqa: E402
+from jaxexit.exits import runners
+from jaxexit.cli.infer import add_policy_flags, main_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

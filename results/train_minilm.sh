@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every fine-tuning run behind results/train/ and every analysis behind results/analysis/ and
 # results/tables.md: all-MiniLM-L6-v2 (../shared) on GLUE, this 2-core CPU, ramps reading the
-# mean-pooled layer state (--ramp-input mean; DESIGN.md, The model). Each command is exactly what
+# mean-pooled layer state (--ramp-input mean; docs/training.md, Ramp input). Each command is exactly what
 # produced its directory (also recorded in its summary.json / analysis.json).
 #
 # Deviations from the papers' preset, on purpose:

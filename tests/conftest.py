@@ -40,8 +40,8 @@ def minilm():
 def trained_minilm_run(tmp_path_factory):
     """MiniLM fine-tuned briefly on SST-2 (two stages, 40 steps each): a real checkpoint for
     training and inference tests."""
-    from jaxexit.train_config import TrainConfig
-    from jaxexit.trainer import finetune
+    from jaxexit.text.train_config import TrainConfig
+    from jaxexit.text.trainer import finetune
 
     cfg = TrainConfig(task="sst2", model=str(require(MINILM)), data_dir=str(require(GLUE / "SST-2")),
                       scheme="two_stage", max_steps=40, batch_size=16, lr=2e-4, epochs=1.0,
@@ -52,7 +52,7 @@ def trained_minilm_run(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def restore_logging():
-    """The command-line tools reroute the root logger (jaxexit.console); put it back after each test."""
+    """The command-line tools reroute the root logger (jaxexit.cli.console); put it back after each test."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield
@@ -68,7 +68,8 @@ def every_live_mode(model, policy, split, batch_size: int, modes: tuple[str, ...
     """`(mode, Exits)` of every live runner on `split`, the first-token exit steps included (in latency
     mode: tests/test_runners.py, on one input length, as each policy kind compiles its own steps).
     `modes`: only these (names as returned; `device-B` for the batch size given)."""
-    from jaxexit import EarlyExitModel, runners
+    from jaxexit.exits import runners
+    from jaxexit import EarlyExitModel
 
     first_token = EarlyExitModel(model.config, model.params, model.tokenizer)
     first_token.first_token_steps_from = 0  # every batch takes the first-token exit steps

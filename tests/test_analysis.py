@@ -10,9 +10,12 @@ import pytest
 
 import tiny
 from conftest import REPO
-from jaxexit import analysis, offline
-from jaxexit.train_config import TrainConfig
-from jaxexit.trainer import finetune
+from jaxexit import analysis
+from jaxexit.analysis.report import _wall_saving
+from jaxexit.exits import offline, runners
+from jaxexit.text import metrics
+from jaxexit.text.train_config import TrainConfig
+from jaxexit.text.trainer import finetune
 
 sys.path.insert(0, str(REPO / "infer"))
 import analyze as analyze_cli  # noqa: E402
@@ -53,9 +56,9 @@ def test_analyze_writes_tables_figures_and_held_out_numbers(tiny_runs, capsys):
         if "params" not in row:
             continue
         policy = offline.Policy(row["policy"], 3, 2, tuple(row["params"].items()))
-        report = offline.evaluate(policy, logits[:, report_rows], labels[report_rows], analysis.metrics.accuracy)
+        report = offline.evaluate(policy, logits[:, report_rows], labels[report_rows], metrics.accuracy)
         assert report.score == pytest.approx(row["score"]) and report.saving == pytest.approx(row["saving"])
-        cal = offline.evaluate(policy, logits[:, cal_rows], labels[cal_rows], analysis.metrics.accuracy)
+        cal = offline.evaluate(policy, logits[:, cal_rows], labels[cal_rows], metrics.accuracy)
         assert cal.saving == pytest.approx(row["calibration_saving"])
         if row["rule"].startswith("max score"):  # else no setting was within the band: the nearest was taken
             assert abs(cal.saving - row["near_saving"]) <= offline.SAVING_BAND + 1e-9
@@ -67,7 +70,7 @@ def test_analyze_writes_tables_figures_and_held_out_numbers(tiny_runs, capsys):
     assert "DeeBERT Table 1 form" in table
     for row in saved["deebert"]:
         if "params" in row:
-            wall = analysis._wall_saving(saved, row)
+            wall = _wall_saving(saved, row)
             assert wall is not None
             assert f"{100 * row['score']:.1f} ({100 * row['saving']:.1f}%, wall {100 * wall:.1f}%)" in table
     # PCEE-BERT Figures 7/8: every tau of the grid at patience 1, 2 (L = 3), on the whole split.
@@ -76,7 +79,7 @@ def test_analyze_writes_tables_figures_and_held_out_numbers(tiny_runs, capsys):
     for c in curves["curves"]:
         for i in (0, 37, 100):
             ev = offline.evaluate(offline.Policy("pcee", 3, 2, (("patience", c["patience"]), ("tau", curves["taus"][i]))),
-                                  logits, labels, analysis.metrics.accuracy)
+                                  logits, labels, metrics.accuracy)
             assert (c["score"][i], c["saving"][i], c["avg_layers"][i]) == (ev.score, ev.saving, ev.avg_layers)
         assert c["saving"][0] == 0.0 and max(c["saving"]) <= 1 - c["patience"] / 3 + 1e-12
         assert c["largest_step"] == max(abs(b - a) for a, b in zip(c["saving"], c["saving"][1:]))
@@ -101,7 +104,7 @@ def test_tables_report_mean_and_spread_over_seeds(tiny_runs):
         _, report_rows = offline.split_halves(60, seed)
         assert result["split_seed"] == seed
         assert result["full_score_report"] == offline.full_score(logits[:, report_rows], labels[report_rows],
-                                                                 analysis.metrics.accuracy)
+                                                                 metrics.accuracy)
     with pytest.raises(ValueError, match="predates seeded calibration halves"):
         analysis.tables([{k: v for k, v in results[0].items() if k != "split_seed"}])
     # Runs named <setup>-s<seed> are seeds of one setup; another setup of the task gets its own rows.
@@ -141,7 +144,7 @@ def test_wall_savings_pair_each_setting_with_the_full_model_and_take_the_median(
         seconds = base[k] * full_latency.factor
         if k == 3 and calls.count(3) == 3:
             seconds *= 2.5
-        return analysis.runners.Exits(np.asarray([1, 2, 4]), np.zeros(3, int), np.zeros((3, 2)), seconds)
+        return runners.Exits(np.asarray([1, 2, 4]), np.zeros(3, int), np.zeros((3, 2)), seconds)
 
     settings = [offline.Policy("static", 4, 2, (("k", 2),)), offline.Policy("static", 4, 2, (("k", 3),))]
     timing = analysis.wall_savings(FakeModel(), [0, 1, 2], settings, full_latency, latency, rounds=3)

@@ -9,7 +9,7 @@ import pytest
 
 import tiny
 from conftest import REPO
-from jaxexit import train_config
+from jaxexit.text import train_config
 
 sys.path.insert(0, str(REPO / "train"))
 sys.path.insert(0, str(REPO / "infer"))
@@ -85,7 +85,7 @@ def test_console_shows_progress_and_tables_and_library_chatter_goes_to_train_log
     assert len([line for line in out.splitlines() if line.strip()]) <= 30
     log = (run.path / "train.log").read_text()
     assert "absl" in log and "Saving checkpoint" in log  # orbax's chatter, kept in the run directory
-    assert "jaxexit.trainer: SST-2: 200 train examples" in log  # records from before the run dir existed too
+    assert "jaxexit.text.trainer: SST-2: 200 train examples" in log  # records from before the run dir existed too
 
 
 def test_finetune_bad_rows_stop_by_default_and_are_skipped_with_the_flag(capfd, tmp_path):

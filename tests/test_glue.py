@@ -10,8 +10,8 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from jaxexit import glue
-from jaxexit.glue import Example, GlueFormatError, get_task, load_examples
+from jaxexit.text import glue
+from jaxexit.text.glue import Example, GlueFormatError, get_task, load_examples
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "glue"
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -236,7 +236,7 @@ def test_skip_bad_rows_drops_them_and_reports_count_and_positions(tmp_path, capl
     path = _glue_dir(tmp_path, "QQP", "train.tsv", "\n".join(rows) + "\n")
     with pytest.raises(GlueFormatError, match=re.escape(f"{path}:5: ")):  # the default still stops, at the first
         load_examples("qqp", "train", tmp_path)
-    with caplog.at_level(logging.WARNING, logger="jaxexit.glue"):
+    with caplog.at_level(logging.WARNING, logger="jaxexit.text.glue"):
         examples = load_examples("qqp", "train", tmp_path, skip_bad_rows=True)
     assert [ex.text_a for ex in examples] == [f"q{i}" for i in range(9)] and [ex.idx for ex in examples] == list(range(9))
     (record,) = [r for r in caplog.records if "malformed" in r.getMessage()]
@@ -369,8 +369,8 @@ def test_tfds_builder_and_tsv_reader_agree_on_real_files(tmp_path, task):
 
 
 def test_encoded_split_take_and_labelled():
-    from jaxexit import metrics
-    from jaxexit.batches import EncodedSplit
+    from jaxexit.text import metrics
+    from jaxexit.text.batches import EncodedSplit
 
     split = EncodedSplit([[1], [2, 3], [4]], [[0], [0, 0], [0]], np.array([1, 0, 1], np.int32), np.array([7, 8, 9]))
     part = split.take([2, 0])

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from conftest import GLUE, REPO
-from jaxexit import inference, policies
+from jaxexit.cli import infer
+from jaxexit.exits import policies
 
 
 def _cli():
@@ -47,12 +48,12 @@ def test_confidence_and_ensemble_flags_run_in_every_mode_as_offline(trained_mini
             "--ensemble", "--limit", "24", "--mode", mode, "--json", str(tmp_path / f"{mode}.json")]
     result = _cli().main(argv + (["--batch-size", "8"] if mode in ("batched", "device") else []))
     assert result["policy"] == "pcee[maxprob]+ensemble" and result["patience"] == 2
-    model = inference.EarlyExitModel.from_run(trained_minilm_run.path)
-    split, _ = inference.load_inputs(trained_minilm_run, model, inference.glue.get_task("sst2"), "validation",
+    model = infer.EarlyExitModel.from_run(trained_minilm_run.path)
+    split, _ = infer.load_inputs(trained_minilm_run, model, infer.glue.get_task("sst2"), "validation",
                                      str(GLUE / "SST-2"), limit=24)
     policy = policies.make_policy("pcee[maxprob]+ensemble", 6, 2, patience=2, tau=0.5)
-    want = inference.offline.evaluate(policy, inference.runners.cached_logits(model, split), split.labels,
-                                      inference.metrics.accuracy)
+    want = infer.offline.evaluate(policy, infer.runners.cached_logits(model, split), split.labels,
+                                      infer.metrics.accuracy)
     assert want.saving > 0  # rows exit before layer 6, where the ensemble has more than one ramp to average
     assert result["exit_histogram"] == want.histogram.tolist() and result["score"] == pytest.approx(want.score)
 
@@ -143,15 +144,15 @@ def test_clear_errors(trained_minilm_run, tmp_path, capsys):
 
 
 def test_policy_defaults_and_regression_refusal():
-    assert inference.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 2).name == "pcee"
-    assert inference.policy_from_args(None, {"tau": 0.2}, 6, 2)["patience"] == 1
-    assert inference.policy_from_args(None, {"patience": 2}, 6, 2).name == "pabee"
-    assert inference.policy_from_args(None, {"patience": 2, "delta": 0.1}, 6, 1).name == "pabee"
+    assert infer.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 2).name == "pcee"
+    assert infer.policy_from_args(None, {"tau": 0.2}, 6, 2)["patience"] == 1
+    assert infer.policy_from_args(None, {"patience": 2}, 6, 2).name == "pabee"
+    assert infer.policy_from_args(None, {"patience": 2, "delta": 0.1}, 6, 1).name == "pabee"
     with pytest.raises(ValueError, match="regression"):
-        inference.policy_from_args("entropy", {"S": 0.1}, 6, 1)
+        infer.policy_from_args("entropy", {"S": 0.1}, 6, 1)
     with pytest.raises(ValueError, match="regression"):
-        inference.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 1)
+        infer.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 1)
     with pytest.raises(ValueError, match="do not name one policy"):
-        inference.policy_from_args(None, {"S": 0.1, "t": 0.5}, 6, 2)
+        infer.policy_from_args(None, {"S": 0.1, "t": 0.5}, 6, 2)
     with pytest.raises(ValueError, match="unexpected"):
-        inference.policy_from_args("pabee", {"patience": 2, "tau": 0.3}, 6, 2)
+        infer.policy_from_args("pabee", {"patience": 2, "tau": 0.3}, 6, 2)

@@ -11,10 +11,13 @@ import pytest
 
 import tiny
 from conftest import every_live_mode
-from jaxexit import EarlyExitModel, EncoderConfig, batches, glue, offline, optim, policies, runners, steps
-from jaxexit.modeling import RampOutputs
-from jaxexit.train_config import TrainConfig
-from jaxexit.trainer import finetune
+from jaxexit.text import batches, glue, steps
+from jaxexit.exits import offline, policies, runners
+from jaxexit.training import optim
+from jaxexit import EarlyExitModel, EncoderConfig
+from jaxexit.exits.types import RampOutputs
+from jaxexit.text.train_config import TrainConfig
+from jaxexit.text.trainer import finetune
 
 
 def _leaves(tree):

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxexit import glue
-from jaxexit.metrics import (accuracy, f1, matthews_corrcoef, pearson, primary_metric, rank_average,
+from jaxexit.text import glue
+from jaxexit.text.metrics import (accuracy, f1, matthews_corrcoef, pearson, primary_metric, rank_average,
                              spearman, task_metrics)
 
 PRED = [1, 1, 0, 1, 0]

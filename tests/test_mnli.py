@@ -10,8 +10,8 @@ import pytest
 
 import tiny
 from conftest import REPO
-from jaxexit.train_config import TrainConfig
-from jaxexit.trainer import finetune
+from jaxexit.text.train_config import TrainConfig
+from jaxexit.text.trainer import finetune
 
 FIXTURES = REPO / "tests" / "fixtures" / "glue"
 sys.path.insert(0, str(REPO / "infer"))

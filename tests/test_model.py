@@ -185,7 +185,7 @@ def test_bad_batches_are_refused(minilm):
 
 def test_batches_of_any_integer_kind_give_the_same_logits():
     """Host batches stay on the host until the jitted call (no conversion dispatch per key: see
-    `api._int32`); int64 numpy, lists and device arrays of other dtypes give the int32 batch's output."""
+    `text_model._int32`); int64 numpy, lists and device arrays of other dtypes give the int32 batch's output."""
     import jax.numpy as jnp
 
     model = EarlyExitModel.from_config(tiny_config(), seed=0)
@@ -219,7 +219,7 @@ def test_config_rejects_bad_values():
 def test_transposed_kernels_compute_the_same_numbers(overrides):
     """`modeling.transpose_kernels` (what inference computes with on CPU) moves every dense kernel
     to `kernel_t` `[out, in]` and nothing else, and the model gives the canonical layout's numbers."""
-    from jaxexit import api, modeling
+    from jaxexit.text import model as text_model, modeling
 
     model = EarlyExitModel.from_config(tiny_config(**overrides))
     canonical, moved = model.params, modeling.transpose_kernels(model.params)
@@ -233,7 +233,7 @@ def test_transposed_kernels_compute_the_same_numbers(overrides):
     assert jax.tree.structure(modeling.transpose_kernels(moved)) == jax.tree.structure(moved)  # idempotent
 
     batch = tiny_batch()
-    ours, theirs = api._whole(model.config, moved, batch), api._whole(model.config, canonical, batch)
+    ours, theirs = text_model._whole(model.config, moved, batch), text_model._whole(model.config, canonical, batch)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     if jax.default_backend() == "cpu":
@@ -246,7 +246,7 @@ def test_an_inference_model_holds_each_kernel_once_and_still_gives_its_canonical
     model drops the canonical tree instead of keeping both (twice the kernels' memory), and
     `params` rebuilds it exactly, so training from a model that has already run inference, or a new
     model made from its `params`, sees the same numbers."""
-    from jaxexit import modeling
+    from jaxexit.text import modeling
 
     model = EarlyExitModel.from_config(tiny_config())
     before = jax.tree.map(np.asarray, model.params)

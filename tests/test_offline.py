@@ -6,10 +6,10 @@ import time
 import numpy as np
 import pytest
 
-from jaxexit import offline as O
-from jaxexit.modeling import RampOutputs
-from jaxexit import policies as P
-from jaxexit.policies import make_policy
+from jaxexit.exits import offline as O
+from jaxexit.exits.types import RampOutputs
+from jaxexit.exits import policies as P
+from jaxexit.exits.policies import make_policy
 
 
 def accuracy(predictions, labels):

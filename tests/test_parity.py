@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN_MINILM, MINILM, require, sst2_parity_sentences
-from jaxexit import EarlyExitModel, modeling
+from jaxexit.text import modeling
+from jaxexit import EarlyExitModel
 
 TOL = 1e-4
 

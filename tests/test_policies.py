@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxexit import policies as P
-from jaxexit.policies import make_policy
+from jaxexit.exits import policies as P
+from jaxexit.exits.policies import make_policy
 
 SURE = [0.0, 10.0]    # class 1, H ~ 5e-4 nats
 UNSURE = [0.0, 0.0]   # class 0 (argmax tie -> first), H = ln 2
@@ -120,7 +120,7 @@ def test_policy_labels_name_the_variants():
 
 
 def test_berxit_and_pcee_learned_read_the_lte_output():
-    from jaxexit.modeling import RampOutputs
+    from jaxexit.exits.types import RampOutputs
 
     logits = one_row(UNSURE, UNSURE, UNSURE, UNSURE, UNSURE)  # nothing confident by the softmax
     a = np.asarray([[2.0], [-1.0], [-3.0], [-3.0], [2.0]], np.float32)  # u = sigmoid(a): .88 .27 .047 .047 .88
@@ -140,7 +140,7 @@ def test_berxit_and_pcee_learned_read_the_lte_output():
                       RampOutputs(np.zeros((3, 1, 1), np.float32), np.asarray([[1.0], [-1.0], [0.0]], np.float32)))[0] == [2]
     with pytest.raises(ValueError, match="learning-to-exit"):
         P.simulate(make_policy("berxit", 5, 2, t=0.3), logits)
-    from jaxexit import offline
+    from jaxexit.exits import offline
     with pytest.raises(ValueError, match="learning-to-exit"):
         offline.evaluate(make_policy("pcee[learned]", 5, 2, patience=2, tau=0.3), logits)
 
@@ -148,7 +148,7 @@ def test_berxit_and_pcee_learned_read_the_lte_output():
 @pytest.mark.parametrize("label, params", [("berxit", dict(t=0.3)), ("pcee[learned]", dict(patience=2, tau=0.4)),
                                            ("berxit+ensemble", dict(t=0.5)), ("berxit", dict(t=0.0))])
 def test_learned_policies_on_the_device_equal_the_host(label, params):
-    from jaxexit.modeling import RampOutputs
+    from jaxexit.exits.types import RampOutputs
 
     z = RampOutputs(random_logits(), (np.random.default_rng(5).normal(size=(6, 200)) * 2).astype(np.float32))
     policy = make_policy(label, 6, 3, **params)
@@ -156,7 +156,7 @@ def test_learned_policies_on_the_device_equal_the_host(label, params):
     want_layer, want_pred = P.simulate(policy, z)
     np.testing.assert_array_equal(np.asarray(exit_layer), want_layer)
     np.testing.assert_array_equal(np.asarray(pred), want_pred)
-    from jaxexit import offline
+    from jaxexit.exits import offline
     np.testing.assert_array_equal(offline.exit_layers(policy, z), want_layer)
 
 
@@ -397,7 +397,7 @@ def test_policy_is_a_hashable_record():
     assert str(policy) == "pcee(patience=2, tau=0.2)"
 
 
-# ---- the ends of every threshold range: one precision in every mode (DESIGN.md, Inference) -------
+# ---- the ends of every threshold range: one precision in every mode (docs/policies.md) -------
 def near_uniform_logits(L=6, N=1000, C=2, seed=0):
     """Ramp outputs ~1e-3 apart (an untrained or unsure ramp), plus rows that are exactly uniform
     at some layers and rows one float32 ulp from uniform."""
@@ -412,7 +412,7 @@ def near_uniform_logits(L=6, N=1000, C=2, seed=0):
 def range_ends(name, L, C):
     """Both ends of `name`'s parameter range, the values its default sweep grid starts and ends with,
     at every patience where the policy has one."""
-    from jaxexit import offline
+    from jaxexit.exits import offline
 
     grid = offline.default_grid(name, L, C)
     values = {"entropy": [dict(S=0.0), dict(S=math.log(C))], "pcee": [dict(tau=0.0), dict(tau=1.0)],
@@ -445,7 +445,7 @@ def device_exits_in_chunks(policy, logits, rows):
 @pytest.mark.parametrize("C", [2, 3])
 @pytest.mark.parametrize("name", ["entropy", "pcee", "maxprob", "pabee", "static", "pcee[maxprob]"])
 def test_range_ends_give_identical_exits_on_host_device_and_offline(name, C):
-    from jaxexit import offline
+    from jaxexit.exits import offline
 
     z = near_uniform_logits(C=C)
     for policy in range_ends(name, 6, C):

@@ -1,4 +1,4 @@
-"""Ramp input `mean` (DESIGN.md, The model): ramps read the masked mean of their layer's token
+"""Ramp input `mean` (docs/training.md, Ramp input): ramps read the masked mean of their layer's token
 states; every path (whole model, steps, dense baseline, training, every runner) honours it; the
 first-token exit steps are for `cls` only. Regression ramps start at the labels' mean."""
 
@@ -11,10 +11,12 @@ import pytest
 
 import tiny
 from conftest import every_live_mode
-from jaxexit import EarlyExitModel, EncoderConfig, modeling, offline, policies, runners
-from jaxexit.batches import EncodedSplit
-from jaxexit.train_config import TrainConfig
-from jaxexit.trainer import finetune, ramps_at_label_mean
+from jaxexit.text import modeling
+from jaxexit.exits import offline, policies, runners
+from jaxexit import EarlyExitModel, EncoderConfig
+from jaxexit.text.batches import EncodedSplit
+from jaxexit.text.train_config import TrainConfig
+from jaxexit.text.trainer import finetune, ramps_at_label_mean
 
 
 def tiny_config(**overrides) -> EncoderConfig:

@@ -1,7 +1,7 @@
 """Every runner at the ends of every policy's threshold range, on a model whose ramps are unsure.
 
 Near-uniform ramp outputs are common (untrained or unsure ramps), and the ends of the ranges
-(S = ln C, tau = 1, t = 1 / C, and 0 / 1 at the other end) are in every sweep grid. DESIGN.md:
+(S = ln C, tau = 1, t = 1 / C, and 0 / 1 at the other end) are in every sweep grid. docs/policies.md:
 every thresholded measure is computed at one precision in every mode, so latency, batched, device
 and offline modes must give identical exits there.
 """
@@ -14,8 +14,9 @@ import pytest
 import tiny
 from conftest import every_live_mode
 from test_policies import range_ends
-from jaxexit import EarlyExitModel, offline, policies, runners
-from jaxexit.batches import EncodedSplit
+from jaxexit.exits import offline, policies, runners
+from jaxexit import EarlyExitModel
+from jaxexit.text.batches import EncodedSplit
 
 
 # Each of the two ways a threshold is compared: in numpy on the host (latency with host decisions,

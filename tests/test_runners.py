@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import GLUE, every_live_mode
-from jaxexit import EarlyExitModel, batches, glue, offline, policies, runners
+from jaxexit.text import batches, glue
+from jaxexit.exits import offline, policies, runners
+from jaxexit import EarlyExitModel
 
 
 

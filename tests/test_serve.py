@@ -28,12 +28,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tiny
 from conftest import REPO
-from jaxexit import glue, metrics, offline, policies, runners
-from jaxexit.api import EarlyExitModel
-from jaxexit.checkpoint import RunDir
-from jaxexit.serving import Controller, Engine, RequestError, Service, load_table
-from jaxexit.train_config import TrainConfig
-from jaxexit.trainer import finetune
+from jaxexit.text import glue, metrics
+from jaxexit.exits import offline, policies, runners
+from jaxexit.text.model import EarlyExitModel
+from jaxexit.training.checkpoint import RunDir
+from jaxexit.serving.engine import Controller, Engine, RequestError, Service, load_table
+from jaxexit.text.train_config import TrainConfig
+from jaxexit.text.trainer import finetune
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def _median_tau(run) -> float:
     model = EarlyExitModel.from_run(run)
     task = glue.get_task("sst2")
     examples = glue.load_examples(task, "validation", RunDir(run).train_config()["data_dir"])
-    from jaxexit import batches
+    from jaxexit.text import batches
 
     logits = offline.parts(runners.cached_logits(model, batches.encode_examples(model.tokenizer, task, examples)))[0]
     return float(np.median(policies.normalized_entropy(logits[0])))

@@ -15,10 +15,12 @@ import pytest
 
 import tiny
 from conftest import REPO
-from jaxexit import EarlyExitModel, EncoderConfig, optim, steps
-from jaxexit.checkpoint import RunDir, Stopped
-from jaxexit.train_config import TrainConfig
-from jaxexit.trainer import finetune
+from jaxexit.training import optim
+from jaxexit.text import steps
+from jaxexit import EarlyExitModel, EncoderConfig
+from jaxexit.training.checkpoint import RunDir, Stopped
+from jaxexit.text.train_config import TrainConfig
+from jaxexit.text.trainer import finetune
 
 
 def _leaves(tree):
@@ -261,8 +263,8 @@ def test_resume_builds_everything_from_the_saved_config(tiny_setup, tmp_path):
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-from jaxexit.train_config import TrainConfig
-from jaxexit import trainer
+from jaxexit.text.train_config import TrainConfig
+from jaxexit.text import trainer
 cfg = TrainConfig.from_dict({cfg!r})
 def kill(run, stage, step):
     if stage == 1 and step == {kill_at}:
@@ -314,8 +316,8 @@ DEVICES_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import jax
-from jaxexit.train_config import TrainConfig
-from jaxexit import trainer
+from jaxexit.text.train_config import TrainConfig
+from jaxexit.text import trainer
 run = trainer.finetune(TrainConfig.from_dict({cfg!r}), progress=False)
 losses = [r["loss"] for r in run.records() if r["kind"] == "train"]
 print(json.dumps({{"devices": jax.device_count(), "losses": losses}}))

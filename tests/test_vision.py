@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxexit import images as imgs
-from jaxexit import resnet
-from jaxexit.resnet import ResNetConfig
+from jaxexit.vision import images as imgs
+from jaxexit.vision import resnet
+from jaxexit.vision.resnet import ResNetConfig
 
 Image = pytest.importorskip("PIL.Image", reason="the image-folder reader needs Pillow")
 
@@ -428,7 +428,7 @@ def test_conv3x3_values_and_gradients_equal_xla(stride, size, channels):
 def test_conv_module_has_nn_convs_variables_and_numbers():
     """Conv3x3 is a drop-in for nn.Conv(3x3, padding 1, no bias): same variable tree, same
     initial values from the same key, same outputs (checkpoints of either load in the other)."""
-    from jaxexit.resnet import _KAIMING, Conv3x3
+    from jaxexit.vision.resnet import _KAIMING, Conv3x3
     import flax.linen as nn
 
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)

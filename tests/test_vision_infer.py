@@ -1,4 +1,4 @@
-"""Early exit on a multi-exit ResNet (jaxexit/vision_infer.py): every live mode gives the offline
+"""Early exit on a multi-exit ResNet (jaxexit/vision/model.py): every live mode gives the offline
 simulation's exits and predictions, the piecewise and dense paths agree with the whole network,
 and a finished run loads. A random depth-14 network (6 exits, three stages, so the block changes
 shape twice) on 8x8 images."""
@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxexit import offline, policies, resnet
-from jaxexit.resnet import ResNetConfig
-from jaxexit.vision_infer import (VisionExitModel, cached_logits, run_batched, run_full_batched, run_full_latency,
+from jaxexit.exits import offline, policies
+from jaxexit.vision import resnet
+from jaxexit.vision.resnet import ResNetConfig
+from jaxexit.vision.model import (VisionExitModel, cached_logits, run_batched, run_full_batched, run_full_latency,
                                   run_latency, run_on_device)
 
 CFG = ResNetConfig(depth=14, num_classes=3, widths=(4, 8, 16))
@@ -87,7 +88,7 @@ def test_a_trained_run_loads_and_infer_analyze_writes_table_3(tmp_path):
     import json
 
     from test_vision_train import _cfg, _write_folder
-    from jaxexit import vision_train
+    from jaxexit.vision import train as vision_train
 
     sys_argv = ["runs/colours", "--out", str(tmp_path / "analysis"), "--timing-inputs", "6"]
     _write_folder(tmp_path / "colours", {"train": 16, "test": 8})

@@ -1,4 +1,4 @@
-"""Training the multi-exit ResNet (jaxexit/vision_train.py, train/train_vision.py): the joint loss,
+"""Training the multi-exit ResNet (jaxexit/vision/train.py, train/train_vision.py): the joint loss,
 the optimiser's decay mask and schedules, a short run on a learnable synthetic image folder, exact
 resume, the run directory and `load_run`, and command-line errors. A depth-8 network (3 exits) on
 8x8 images, a dozen steps."""
@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxexit import resnet, vision_train
-from jaxexit.checkpoint import RunDir, Stopped
-from jaxexit.vision_config import VisionTrainConfig
-from jaxexit.vision_train import OptimizerSpec
+from jaxexit.vision import resnet, train as vision_train
+from jaxexit.training.checkpoint import RunDir, Stopped
+from jaxexit.vision.config import VisionTrainConfig
+from jaxexit.vision.train import OptimizerSpec
 
 Image = pytest.importorskip("PIL.Image", reason="the image-folder reader needs Pillow")
 

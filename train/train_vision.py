@@ -12,9 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from jaxexit import console, vision_config  # noqa: E402
-from jaxexit.checkpoint import Stopped  # noqa: E402
-from jaxexit.vision_train import format_table, train  # noqa: E402
+from jaxexit.cli import console  # noqa: E402
+from jaxexit.vision import config as vision_config
+from jaxexit.training.checkpoint import Stopped  # noqa: E402
+from jaxexit.vision.train import format_table, train  # noqa: E402
 
 
 def main(argv=None):

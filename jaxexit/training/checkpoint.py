@@ -25,7 +25,6 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxexit.config import EncoderConfig
 
 LATEST = "LATEST"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -110,7 +109,7 @@ class RunDir:
 
     # ---- creation ----------------------------------------------------------------------------
     @classmethod
-    def create(cls, output_dir: str | os.PathLike, name: str, train_config: dict, encoder_config: EncoderConfig,
+    def create(cls, output_dir: str | os.PathLike, name: str, train_config: dict, encoder_config,
                tokenizer) -> "RunDir":
         run = cls.check_free(output_dir, name)
         if run.writer:
@@ -141,8 +140,9 @@ class RunDir:
     def train_config(self) -> dict:
         return read_json(self.path / "train_config.json")
 
-    def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig.from_dict(read_json(self.path / "encoder_config.json"))
+    def encoder_config(self) -> dict:
+        """The model's config as saved (`encoder_config.json`); the model class reads it back."""
+        return read_json(self.path / "encoder_config.json")
 
     def log(self, record: dict) -> None:
         if self.writer:

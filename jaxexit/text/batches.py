@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxexit import glue
-from jaxexit.tokenization import Tokenizer
+from jaxexit.text import glue
+from jaxexit.text.tokenization import Tokenizer
 
 
 @dataclasses.dataclass

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxexit import glue, metrics, offline, policies, runners
-from jaxexit.api import EarlyExitModel
+from jaxexit.text import glue, metrics
+from jaxexit.exits import offline, policies, runners
+from jaxexit.text.model import EarlyExitModel
 
 TARGET_SAVINGS = (0.25, 0.5, 0.75)  # Table 2: each policy at about these savings (offline.SAVING_BAND)
 DEEBERT_DROPS = (0.005, 0.01, 0.04)  # under 0.5 point; within 1 point; within 4 (the "2-4 point" regime)
@@ -170,16 +171,16 @@ def analyze(run_dir, out_dir, data_dir: str | None = None, split: str = "validat
     """Every analysis above for one run and one split (`glue.resolve_splits` names MNLI's two dev
     splits; `infer/analyze.py` runs each); writes `analysis.json`, `tables.md`, CSV and PNGs to
     `out_dir`. A `train/train_vision.py` run goes to `analyze_vision`."""
-    from jaxexit import inference
+    from jaxexit.cli import infer
 
-    run = inference.resolve_run(str(run_dir))
+    run = infer.resolve_run(str(run_dir))
     if is_vision_run(run.path):
         return analyze_vision(run.path, out_dir, data_dir, timing_inputs, command, split_seed)
     train_cfg = run.train_config()
     task = glue.get_task(train_cfg["task"])
     model = EarlyExitModel.from_run(run.path)
     split_name = glue.canonical_split(task, split)
-    data, _ = inference.load_inputs(run, model, task, split_name, data_dir or train_cfg.get("data_dir"),
+    data, _ = infer.load_inputs(run, model, task, split_name, data_dir or train_cfg.get("data_dir"),
                                     skip_bad_rows=skip_bad_rows)
     if not data.labelled:
         raise ValueError(f"{task.tsv_dir} {split_name} has no labels; the analyses need a labelled split")
@@ -196,7 +197,7 @@ def report(task: glue.Task, outputs, labels: np.ndarray, out_dir, about: dict, t
     on a labelled split: `about` names the run and split (task, split, checkpoint, scheme, seed,
     model); `time_settings(rows, policies)` times the chosen settings in latency mode on those
     report-half rows (`wall_savings`)."""
-    from jaxexit import inference
+    from jaxexit.cli import infer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +221,7 @@ def report(task: glue.Task, outputs, labels: np.ndarray, out_dir, about: dict, t
         "variants": variant_rows(task, outputs, labels, halves),
         "ensemble": ensemble_rows(task, outputs, labels, halves),
     }
-    _, _, sweep_rows = inference.sweep(task, outputs, labels, out / "tradeoff")
+    _, _, sweep_rows = infer.sweep(task, outputs, labels, out / "tradeoff")
     result["settings_swept"] = len(sweep_rows)
     if timing_inputs:
         chosen = [r for r in result["deebert"] + result["histograms"] if "params" in r]
@@ -245,7 +246,7 @@ def report(task: glue.Task, outputs, labels: np.ndarray, out_dir, about: dict, t
 
     variants = variant_labels(C, lte is not None)
     if len(variants) > 1:  # PCEE-BERT Figure 4: the confidence variants on one checkpoint
-        inference.plot_tradeoff(swept(variants), result["metric"], f"{task.tsv_dir}: PCEE-BERT's confidence variants",
+        infer.plot_tradeoff(swept(variants), result["metric"], f"{task.tsv_dir}: PCEE-BERT's confidence variants",
                                 out / "pcee_variants.png")
     plot_ensemble(result, swept(ensemble_labels(outputs)), out / "ensemble.png")
     (out / "tables.md").write_text(tables([result], command=command))
@@ -268,11 +269,11 @@ def analyze_vision(run_dir, out_dir, data_dir: str | None = None, timing_inputs:
                    split_seed: int = 0) -> dict:
     """`analyze` for a `train/train_vision.py` run on its test split (the image datasets have no
     dev split; the calibration and report halves are halves of test, as for GLUE dev)."""
-    from jaxexit import images, vision_infer
-    from jaxexit.checkpoint import read_json
+    from jaxexit.vision import images, model as vision_model
+    from jaxexit.training.checkpoint import read_json
 
     run_dir = Path(run_dir)
-    model = vision_infer.VisionExitModel.from_run(run_dir)
+    model = vision_model.VisionExitModel.from_run(run_dir)
     cfg = read_json(run_dir / "train_config.json")
     data_dir = data_dir or cfg.get("data_dir")
     if data_dir:
@@ -288,9 +289,9 @@ def analyze_vision(run_dir, out_dir, data_dir: str | None = None, timing_inputs:
              "scheme": "joint", "seed": cfg["seed"], "model": f"resnet{cfg['depth']}", "data": source}
 
     def time_settings(rows, settings):
-        return wall_savings(model, pictures[rows], settings, vision_infer.run_full_latency, vision_infer.run_latency)
+        return wall_savings(model, pictures[rows], settings, vision_model.run_full_latency, vision_model.run_latency)
 
-    return report(task, vision_infer.cached_logits(model, pictures), np.asarray(labels), out_dir, about,
+    return report(task, vision_model.cached_logits(model, pictures), np.asarray(labels), out_dir, about,
                   time_settings, timing_inputs, command, split_seed)
 
 
@@ -384,14 +385,14 @@ def plot_pcee_curves(result: dict, path: Path) -> None:
 def plot_ensemble(result: dict, rows: list[dict], path: Path) -> None:
     """PCEE-BERT Figure 6 form: per policy, score against saving with and without the ensemble
     (each the Pareto front of its grid)."""
-    from jaxexit import inference
+    from jaxexit.cli import infer
 
     plt = _pyplot()
     names = list(dict.fromkeys(policies.parse_label(r["policy"])[0] for r in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), dpi=120, sharey=True)
     for ax, name in zip(np.atleast_1d(axes), names):
         for label, style in ((name, "-"), (name + "+ensemble", "--")):
-            front = inference.pareto_front([r for r in rows if r["policy"] == label])
+            front = infer.pareto_front([r for r in rows if r["policy"] == label])
             ax.plot([p[0] for p in front], [p[1] for p in front], style, marker="o", ms=2,
                     label="ensemble" if label != name else "plain")
         ax.set_title(name, fontsize=9)

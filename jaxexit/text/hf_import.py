@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxexit.config import EncoderConfig
+from jaxexit.text.config import EncoderConfig
 
 log = logging.getLogger(__name__)
 

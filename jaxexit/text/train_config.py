@@ -8,7 +8,7 @@ import re
 import types
 import typing
 
-from jaxexit.config import RAMP_INPUTS, RAMP_POOLERS, DictConfig
+from jaxexit.text.config import RAMP_INPUTS, RAMP_POOLERS, DictConfig
 
 SCHEMES = ("two_stage", "joint", "alternate")
 

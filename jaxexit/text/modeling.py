@@ -8,7 +8,7 @@ Parameter names mirror Hugging Face's BERT (`embeddings/LayerNorm/scale`,
      "ramps":    {"pooler": {"dense": ...}, "0": {"classifier": ...}, ...}}     # shared
      "lte":      {"dense": {"kernel": [H, 1], "bias": [1]}}                     # with cfg.lte only
 
-Keys are 0-based like Hugging Face's (`ramps/"0"` is ramp 1 of DESIGN.md). ALBERT's backbone
+Keys are 0-based like Hugging Face's (`ramps/"0"` is ramp 1 of docs/architecture.md). ALBERT's backbone
 holds `num_hidden_groups` layer entries that the L layers share.
 
 The encoder runs whole (`MultiExitEncoder.__call__`) or piecewise (`embed` once, then
@@ -21,7 +21,6 @@ input goes on (see below).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,18 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxexit.config import EncoderConfig
+from jaxexit.exits.types import RampOutputs
+from jaxexit.text.config import EncoderConfig
 
 Params = dict
 
-
-class RampOutputs(NamedTuple):
-    """A ramp's output on a model with a learning-to-exit module: its logits `[..., C]` and the
-    LTE's pre-sigmoid output `[...]` (float32; `policies.predicted_error` is its sigmoid, at float64).
-    Models without an LTE give the logits array alone."""
-
-    logits: jax.Array
-    lte: jax.Array
 
 _ACT = {
     "gelu": functools.partial(nn.gelu, approximate=False),  # exact erf GELU, as BERT

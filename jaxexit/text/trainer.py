@@ -17,10 +17,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxexit import batches, console, glue, metrics, optim, parallel, steps
-from jaxexit.api import EarlyExitModel, init_lte
-from jaxexit.checkpoint import RunDir, stop_on_signal, timestamp, write_text
-from jaxexit.train_config import TrainConfig
+from jaxexit.text import batches, glue, metrics, steps
+from jaxexit.cli import console
+from jaxexit.training import optim, parallel
+from jaxexit.text.model import EarlyExitModel, init_lte
+from jaxexit.training.checkpoint import RunDir, stop_on_signal, timestamp, write_text
+from jaxexit.text.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 STAGE_NAMES = {0: "joint", 1: "stage 1", 2: "stage 2", 3: "alternate", 4: "learning to exit"}
@@ -66,7 +68,7 @@ def format_table(task: glue.Task, scores: dict[str, list[dict]]) -> str:
 
 # ---- the run -----------------------------------------------------------------------------------
 def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True, on_step=None) -> RunDir:
-    """Fine-tune `cfg.model` on `cfg.task`; returns the run directory (see jaxexit/checkpoint.py).
+    """Fine-tune `cfg.model` on `cfg.task`; returns the run directory (see jaxexit/training/checkpoint.py).
 
     `on_step(run, stage, step)`, if given, is called after every step's bookkeeping (tests use it
     to kill a run at a chosen point).
@@ -105,7 +107,7 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
         return _limit(glue.load_examples(task, split, cfg.data_dir, skip_bad_rows=cfg.skip_bad_rows), limit)
 
     train_split = batches.encode_examples(tokenizer, task, examples("train", cfg.max_train_examples))
-    if task.is_regression and not cfg.lte_from:  # fresh regression ramps start at the labels' mean (DESIGN.md)
+    if task.is_regression and not cfg.lte_from:  # fresh regression ramps start at the labels' mean (docs/training.md)
         fresh = range(mcfg.num_hidden_layers - 1) if cfg.stage1_from else range(mcfg.num_hidden_layers)
         start = ramps_at_label_mean(start, fresh, float(np.mean(train_split.labels)))
     devs = {s: batches.encode_examples(tokenizer, task, examples(s, cfg.max_eval_examples)) for s in task.dev_splits}

@@ -1,7 +1,7 @@
 """Offline evaluation of exit policies over cached ramp logits `[L, N, C]`.
 
 One forward pass keeps every ramp's logits; then any policy at any grid of its parameters is
-evaluated exactly: exit layers, predictions, efficiency (DESIGN.md's names: `avg_layers`,
+evaluated exactly: exit layers, predictions, efficiency (docs/policies.md's names: `avg_layers`,
 `saving`, `speedup`), exit-layer histogram and task score; and a parameter is calibrated on one
 split and reported on another.
 
@@ -29,9 +29,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from jaxexit import policies
-from jaxexit.modeling import RampOutputs
-from jaxexit.policies import Policy
+from jaxexit.exits import policies
+from jaxexit.exits.types import RampOutputs
+from jaxexit.exits.policies import Policy
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 

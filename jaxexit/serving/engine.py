@@ -1,6 +1,6 @@
 """The early-exit service's engine: dynamic batching over the batched runner, the active policy
 (explicit, or a target saving mapped through a calibration table), a latency controller, and
-Prometheus metrics. `jaxexit.webapp` puts HTTP in front of it; `infer/serve.py` starts both.
+Prometheus metrics. `jaxexit.serving.app` puts HTTP in front of it; `infer/serve.py` starts both.
 
 * `Engine` gathers the inputs of concurrent requests into batches (at most `max_batch` rows,
   waiting at most `max_wait_s` after the oldest) and runs each through `runners.exit_batch`, rows
@@ -33,10 +33,11 @@ import jax
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from jaxexit import glue, metrics, offline, policies, runners
-from jaxexit.api import EarlyExitModel
-from jaxexit.checkpoint import RunDir
-from jaxexit.modeling import RampOutputs
+from jaxexit.text import glue, metrics
+from jaxexit.exits import offline, policies, runners
+from jaxexit.text.model import EarlyExitModel
+from jaxexit.training.checkpoint import RunDir
+from jaxexit.exits.types import RampOutputs
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def load_table(run: RunDir, model: EarlyExitModel, task: glue.Task, split_name: 
     """The calibration table of `run` on its labelled split `split_name`: the ramp outputs are read
     from `<run>/serving/` when they were computed from the run's current parameters, else computed
     once (one offline pass) and stored there."""
-    from jaxexit.inference import load_inputs
+    from jaxexit.cli.infer import load_inputs
 
     cache = run.path / "serving" / f"outputs-{split_name}.npz"
     fingerprint = _fingerprint(run)

@@ -14,7 +14,7 @@
   8 + log2(B/8) row shapes compile per input length).
 * `run_on_device` the whole exit loop in one jitted `lax.while_loop` (`lax.switch` over the
   layers), the per-row exit state in the carry; the loop stops once every row has exited.
-* `cached_logits` + `jaxexit.offline` one pass keeping every ramp's logits, then any policy.
+* `cached_logits` + `jaxexit.exits.offline` one pass keeping every ramp's logits, then any policy.
 
 Each returns `Exits(exit_layer [N] 1-based, prediction [N], logits [N, C] of the exit ramp)`;
 with the cross-layer ensemble (`policy.ensemble`), `logits` holds what the prediction is made from
@@ -28,15 +28,12 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from jaxexit import modeling, policies
-from jaxexit.api import EarlyExitModel
-from jaxexit.modeling import RampOutputs
-from jaxexit.batches import EncodedSplit
-from jaxexit.policies import Policy
+
+from jaxexit.exits import policies
+from jaxexit.exits.policies import Policy
+from jaxexit.exits.types import RampModel, RampOutputs
 
 MODES = ("latency", "batched", "device", "offline")
 
@@ -49,16 +46,12 @@ class Exits:
     seconds: float = 0.0  # wall time of the model work (compilation excluded by a warm-up)
 
 
-def _inputs(model: EarlyExitModel, split: EncodedSplit, rows) -> dict:
-    return model.tokenizer.pad([split.rows[i] for i in rows], [split.types[i] for i in rows])
-
-
-def single_inputs(model: EarlyExitModel, split: EncodedSplit) -> list[dict]:
+def single_inputs(model: RampModel, split) -> list[dict]:
     """Every input of `split` as its own padded batch of one row (the latency runners' inputs)."""
-    return [_inputs(model, split, [i]) for i in range(len(split))]
+    return [model.inputs(split, [i]) for i in range(len(split))]
 
 
-def _check(policy: Policy, model: EarlyExitModel) -> None:
+def _check(policy: Policy, model: RampModel) -> None:
     if (policy.num_layers, policy.num_labels) != (model.num_layers, model.config.num_labels):
         raise ValueError(f"{policy} is set for L={policy.num_layers}, C={policy.num_labels}; the model has "
                          f"L={model.num_layers}, C={model.config.num_labels}")
@@ -72,7 +65,7 @@ def _host(z):
 
 
 # ---- latency: batch 1 --------------------------------------------------------------------------------
-def exit_one(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: bool = True,
+def exit_one(model: RampModel, policy: Policy, batch: dict, pipelined: bool = True,
              head_layers: int | None = None) -> tuple[int, np.ndarray]:
     """One input (`batch` of one row): returns (exit layer, the prediction's logits [C]).
 
@@ -82,7 +75,7 @@ def exit_one(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: bool
     nothing (`lax.cond`). The device so never waits for the host's read and dispatch. The first
     call runs layers 1..`head_layers` (default `policies.earliest_exit(policy)`: pcee with patience
     p cannot exit before layer p, so its first p layers take one call; 1: a call per layer). Else the
-    DESIGN's literal form: the host reads ramp i's logits, steps the policy in numpy, and only then
+    papers' literal form: the host reads ramp i's logits, steps the policy in numpy, and only then
     dispatches layer i+1. Both give the same exits as every other mode."""
     if pipelined:
         return _exit_one_pipelined(model, policy, batch, True, _head(policy, head_layers))
@@ -104,7 +97,7 @@ def _head(policy: Policy, head_layers: int | None) -> int:
     return head_layers
 
 
-def warm_latency(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: bool = True,
+def warm_latency(model: RampModel, policy: Policy, batch: dict, pipelined: bool = True,
                  head_layers: int | None = None) -> None:
     """Compile (and run) every step `exit_one` can take on `batch`'s shape with `policy`'s kind:
     through the last layer, whatever the policy decides. Thresholds are arguments, so another
@@ -117,7 +110,7 @@ def warm_latency(model: EarlyExitModel, policy: Policy, batch: dict, pipelined: 
                  batch, pipelined=False)
 
 
-def _exit_one_pipelined(model: EarlyExitModel, policy: Policy, batch: dict, stop: bool, head_layers: int):
+def _exit_one_pipelined(model: RampModel, policy: Policy, batch: dict, stop: bool, head_layers: int):
     cfg, L = model.config, model.num_layers
     batch = model._check(batch)
     first_token = model.first_token_steps(batch["input_ids"].shape)
@@ -141,7 +134,7 @@ def _exit_one_pipelined(model: EarlyExitModel, policy: Policy, batch: dict, stop
     return L, np.asarray(chosen)[0]
 
 
-def run_latency(model: EarlyExitModel, policy: Policy, split: EncodedSplit, warmup: int = 2,
+def run_latency(model: RampModel, policy: Policy, split, warmup: int = 2,
                 pipelined: bool = True) -> Exits:
     """Every input of `split` through `exit_one`, one at a time (`pipelined`: see there)."""
     return latency(model, policy, single_inputs(model, split), warmup, pipelined)
@@ -149,7 +142,7 @@ def run_latency(model: EarlyExitModel, policy: Policy, split: EncodedSplit, warm
 
 def latency(model, policy: Policy, singles: list[dict], warmup: int = 2, pipelined: bool = True) -> Exits:
     """`run_latency` over prepared one-row batches, for any model with `ramp_steps` (pipelined: an
-    `EarlyExitModel`; `jaxexit.vision_infer` runs a ResNet through the host-decision form)."""
+    `EarlyExitModel`; `jaxexit.vision.model` runs a ResNet through the host-decision form)."""
     _check(policy, model)
     one = functools.partial(exit_one, model, pipelined=pipelined)
     warm_up(lambda b: warm_latency(model, policy, b, pipelined), singles, warmup)
@@ -160,7 +153,7 @@ def latency(model, policy: Policy, singles: list[dict], warmup: int = 2, pipelin
     return _exits(layers, logits, time.perf_counter() - start)
 
 
-def run_full_latency(model: EarlyExitModel, split: EncodedSplit, warmup: int = 2) -> tuple[np.ndarray, float]:
+def run_full_latency(model: RampModel, split, warmup: int = 2) -> tuple[np.ndarray, float]:
     """The dense model (one compiled function, ramp L only), one input at a time: (logits, seconds)."""
     return full_latency(model, single_inputs(model, split), warmup)
 
@@ -211,7 +204,7 @@ def row_bucket(n: int, cap: int) -> int:
     return next(b for b in row_buckets(cap) if b >= n)
 
 
-def exit_batch(model: EarlyExitModel, policy: Policy, batch: dict, real: int, cap: int | None = None,
+def exit_batch(model: RampModel, policy: Policy, batch: dict, real: int, cap: int | None = None,
                on_exit=None) -> tuple[np.ndarray, np.ndarray]:
     """The first `real` rows of `batch`: (exit layers [real], exit logits [real, C]).
 
@@ -276,7 +269,7 @@ def warm_exit_batch(model, batch: dict, cap: int, warmup: int = 1) -> int:
     return shapes
 
 
-def run_batched(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batch_size: int = 64,
+def run_batched(model: RampModel, policy: Policy, split, batch_size: int = 64,
                 warmup: int = 1) -> Exits:
     return batched(model, policy, _chunks(model, split, batch_size), len(split), batch_size, warmup)
 
@@ -295,7 +288,7 @@ def batched(model, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: int
     return _exits(layers, logits, time.perf_counter() - start)
 
 
-def run_full_batched(model: EarlyExitModel, split: EncodedSplit, batch_size: int = 64, warmup: int = 1):
+def run_full_batched(model: RampModel, split, batch_size: int = 64, warmup: int = 1):
     """The dense model at the same batch size: (logits [N, C], seconds)."""
     return full_batched(model, _chunks(model, split, batch_size), len(split), warmup)
 
@@ -311,7 +304,7 @@ def full_batched(model, chunks: list[tuple[np.ndarray, dict]], n: int, warmup: i
 
 
 def _chunks(model, split, batch_size):
-    return [(rows, _inputs(model, split, filled)) for rows, filled in chunk_indices(len(split), batch_size)]
+    return [(rows, model.inputs(split, filled)) for rows, filled in chunk_indices(len(split), batch_size)]
 
 
 def chunk_indices(n: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -324,56 +317,10 @@ def chunk_indices(n: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]
     return out
 
 
-# ---- on device: one lax.while_loop -------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "first_token"))
-def device_exits(cfg, params, batch, policy: Policy, first_token: bool = False):
-    """Exit loop on the device, with the same steps as `EarlyExitModel.ramp_steps` (`first_token`:
-    the first-token exit steps, else the plain layer step): returns (exit_layer [B], logits [B, C]).
-
-    Layer i of the loop is `lax.switch(i, ...)` over one branch per layer, each reading its own
-    layer's parameters as they are: indexing weights stacked on an L axis with the traced layer
-    number would copy every layer's weights before using them (measured at BERT-base shape, batch 1:
-    all 12 layers 41% slower than the dense model that way, 2% with the switch)."""
-    L = cfg.num_hidden_layers
-    layer_p = [modeling.layer_params(cfg, params, i) for i in range(L)]
-    ramp_p = [modeling.ramp_params(cfg, params, i) for i in range(L)]
-    if first_token:
-        carry, bias, z = modeling.first_exit_step(cfg, params, batch)
-        branch = lambda i: lambda carry: modeling.exit_step(  # noqa: E731
-            cfg, layer_p[i - 1], layer_p[i], ramp_p[i], carry, bias)
-    else:
-        carry, bias = modeling.embed(cfg, params, batch)
-        branch = lambda i: lambda carry: modeling.layer_ramp_step(cfg, layer_p[i], ramp_p[i], carry, bias)  # noqa: E731
-        carry, z = branch(0)(carry)
-    branches = [branch(i) for i in range(1, L)] or [lambda carry: (carry, z)]  # L = 1: the loop never runs
-
-    def step(layer, carry):  # layer: 0-based, 1..L-1, traced
-        return lax.switch(layer - 1, branches, carry)
-
-    def decide(layer, z, state, exit_layer, chosen):  # layer: 1-based, traced
-        return policies.device_decide(policy, L, layer, z, state, exit_layer, chosen)
-
-    def body(loop):
-        layer, carry, state, exit_layer, chosen = loop  # `layer` ramps decided so far
-        carry, z = step(layer, carry)
-        return (layer + 1, carry, *decide(layer + 1, z, state, exit_layer, chosen))
-
-    def cond(loop):
-        layer, _, _, exit_layer, _ = loop
-        return (layer < L) & jnp.any(exit_layer == 0)
-
-    size = batch["input_ids"].shape[0]
-    state, exit_layer, chosen = decide(jnp.int32(1), z, policies.init_state(policy, size, jnp),
-                                       jnp.zeros(size, jnp.int32), jnp.zeros((size, cfg.num_labels), jnp.float32))
-    _, _, _, exit_layer, chosen = lax.while_loop(cond, body, (jnp.int32(1), carry, state, exit_layer, chosen))
-    return exit_layer, chosen
-
-
-def run_on_device(model: EarlyExitModel, policy: Policy, split: EncodedSplit, batch_size: int = 1,
+# ---- on device: the model's own exit loop -------------------------------------------------------
+def run_on_device(model: RampModel, policy: Policy, split, batch_size: int = 1,
                   warmup: int = 1) -> Exits:
-    run = lambda b: device_exits(model.config, model.step_params, b, policy,  # noqa: E731
-                                 first_token=model.first_token_steps(b["input_ids"].shape))
-    return on_device(model, policy, _chunks(model, split, batch_size), len(split), warmup, run)
+    return on_device(model, policy, _chunks(model, split, batch_size), len(split), warmup)
 
 
 def on_device(model, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: int, warmup: int = 1,
@@ -392,7 +339,7 @@ def on_device(model, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: i
 
 
 # ---- offline: every ramp's logits, once -----------------------------------------------------------
-def cached_logits(model: EarlyExitModel, split: EncodedSplit, batch_size: int = 64):
+def cached_logits(model: RampModel, split, batch_size: int = 64):
     """Every ramp's logits `[L, N, C]` through the same jitted early-exit steps the live runners use;
     on a model with a learning-to-exit module `RampOutputs(logits, lte [L, N])`."""
     return all_outputs(model, _chunks(model, split, batch_size), len(split))

@@ -9,7 +9,7 @@ compiled function, the last exit only), `num_layers` and `config.num_labels`. A 
 step is compiled once per block structure and input shape (`resnet.block_step`: 5 programs for
 ResNet-56's 27 blocks), not once per block.
 
-Modes, as for text (`jaxexit.runners`), all giving the same exits as `jaxexit.offline` on
+Modes, as for text (`jaxexit.exits.runners`), all giving the same exits as `jaxexit.exits.offline` on
 `cached_logits`:
 * `run_latency`: one image at a time, the host reading each exit's logits and deciding before
   the next block is dispatched (`runners.exit_one(..., pipelined=False)`);
@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxexit import images, policies, resnet, runners
-from jaxexit.checkpoint import read_json
-from jaxexit.policies import Policy
-from jaxexit.resnet import ResNetConfig, Variables
-from jaxexit.runners import Exits
+from jaxexit.vision import images, resnet
+from jaxexit.exits import policies, runners
+from jaxexit.training.checkpoint import read_json
+from jaxexit.exits.policies import Policy
+from jaxexit.vision.resnet import ResNetConfig, Variables
+from jaxexit.exits.runners import Exits
 
 
 class VisionExitModel:
@@ -53,7 +54,7 @@ class VisionExitModel:
     @classmethod
     def from_run(cls, path: str | os.PathLike) -> "VisionExitModel":
         """A finished `train/train_vision.py` run (its model, normalisation and class names)."""
-        from jaxexit import vision_train
+        from jaxexit.vision import train as vision_train
 
         config, variables = vision_train.load_run(path)
         summary = read_json(Path(path) / "summary.json")
@@ -70,6 +71,10 @@ class VisionExitModel:
         if pictures.ndim != 4 or pictures.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3], got shape {pictures.shape}")
         return {"images": images.normalize(pictures, self.mean, self.std)}
+
+    def inputs(self, pictures: np.ndarray, rows) -> dict:
+        """The batch of images `rows` of `pictures` (the runners' `RampModel.inputs`)."""
+        return self.prepare(np.asarray(pictures)[np.asarray(rows)])
 
     def ramp_steps(self, batch: dict):
         """Exit 1..L logits `[B, C]` one block at a time, as `EarlyExitModel.ramp_steps`: a generator;

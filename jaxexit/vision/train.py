@@ -5,10 +5,10 @@ the run (mesh, data, run directory, sharded state, restore, update loop with per
 and checkpoints, the final model and summary) -> `load_run`.
 
 * Loss: PABEE/PCEE's joint weighted sum over the L exits, `sum_i i * CE_i / sum_i i`, each exit's
-  cross-entropy the mean over the batch (`jaxexit.steps`, shared with the text models).
+  cross-entropy the mean over the batch (`jaxexit.text.steps`, shared with the text models).
 * Optimiser: SGD, momentum 0.9 (heavy ball), weight decay as coupled L2 on conv and dense kernels
   only (`decay_mask`), learning-rate schedule `cosine` or `step` over the run's total steps
-  (jaxexit/vision_config.py says why).
+  (jaxexit/vision/config.py says why).
 * BatchNorm: training steps normalise with the batch's statistics and update the running ones;
   evaluation uses the running ones. Under data parallelism the batch is one global array sharded
   over the mesh, so its statistics are the global batch's (the same numbers as on one device).
@@ -43,10 +43,13 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from jaxexit import console, images, parallel, resnet, steps
-from jaxexit.checkpoint import RunDir, read_json, stop_on_signal, timestamp, write_json, write_text
-from jaxexit.resnet import ResNetConfig
-from jaxexit.vision_config import VisionTrainConfig
+from jaxexit.cli import console
+from jaxexit.vision import images, resnet
+from jaxexit.training import parallel
+from jaxexit.text import steps
+from jaxexit.training.checkpoint import RunDir, read_json, stop_on_signal, timestamp, write_json, write_text
+from jaxexit.vision.resnet import ResNetConfig
+from jaxexit.vision.config import VisionTrainConfig
 
 log = logging.getLogger(__name__)
 Variables = dict[str, Any]

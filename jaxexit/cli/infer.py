@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxexit import batches, glue, metrics, offline, policies, runners
-from jaxexit.api import EarlyExitModel
-from jaxexit.checkpoint import RunDir
+from jaxexit.text import batches, glue, metrics
+from jaxexit.exits import offline, policies, runners
+from jaxexit.text.model import EarlyExitModel
+from jaxexit.training.checkpoint import RunDir
 
 
 def resolve_run(checkpoint: str | None, output_dir: str = "runs") -> RunDir:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxexit.glue import Task, get_task
+from jaxexit.text.glue import Task, get_task
 
 
 def accuracy(predictions, labels) -> float:

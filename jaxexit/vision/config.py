@@ -1,5 +1,5 @@
 """Training configuration of the multi-exit CIFAR ResNet: one typed dataclass, one preset per
-dataset, command-line flags generated from its fields (as jaxexit/train_config.py does for GLUE).
+dataset, command-line flags generated from its fields (as jaxexit/text/train_config.py does for GLUE).
 
 The presets are He et al.'s CIFAR recipe as PABEE (and PCEE-BERT after it) train ResNet-56:
 batch 128, SGD with momentum 0.9 (no Nesterov), learning rate 0.1, weight decay 1e-4, and the
@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from jaxexit import images
-from jaxexit.config import DictConfig
-from jaxexit.resnet import ResNetConfig
-from jaxexit.train_config import add_field_arguments, config_field, given_fields, with_flags
+from jaxexit.vision import images
+from jaxexit.text.config import DictConfig
+from jaxexit.vision.resnet import ResNetConfig
+from jaxexit.text.train_config import add_field_arguments, config_field, given_fields, with_flags
 
 SCHEDULES = ("cosine", "step")
 DTYPES = ("float32", "bfloat16", "float16")

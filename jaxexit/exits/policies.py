@@ -6,7 +6,7 @@
   state in step with the rows the runner keeps;
 * on the device (`xp=jax.numpy`) inside `jit` / `lax.scan` / `lax.while_loop` (`scan_exits`); a
   `Policy` is a pytree whose thresholds are leaves, so changing them does not recompile;
-* offline over cached logits `[L, N, C]` (`simulate`); `jaxexit.offline` evaluates parameter
+* offline over cached logits `[L, N, C]` (`simulate`); `jaxexit.exits.offline` evaluates parameter
   grids in closed form and is tested equal to stepping this.
 
 Layers are 1-based (`layer = 1..L`). `step` returns the rows whose exit condition holds at this
@@ -17,7 +17,7 @@ Every measure a policy thresholds is computed in float64 in every mode (on the d
 `jax.enable_x64`), thresholds included, and the ends of each range are exact; see "per-ramp
 measures" below.
 
-Policies (DESIGN.md, "Exit policies"), with `p = softmax(z)`, `C` classes:
+Policies (docs/policies.md), with `p = softmax(z)`, `C` classes:
   entropy(S)            exit when H(p) < S (nats)                              DeeBERT, BranchyNet
   pcee(patience, tau)   k = k + 1 if H(p) / ln C < tau else 0; exit at k = patience   PCEE-BERT
   maxprob(t)            exit when max p > t                                    Shallow-Deep
@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxexit.modeling import RampOutputs
+from jaxexit.exits.types import RampOutputs
 
 POLICIES = ("entropy", "pcee", "maxprob", "pabee", "static", "berxit")
 # Policies that threshold a softmax confidence: degenerate for one output (regression).
@@ -241,7 +241,7 @@ def _real(key: str, value, low: float, high: float) -> float:
 
 
 # ---- per-ramp measures (shared by step and the offline closed form) ------------------------------
-# DESIGN.md: every measure a policy thresholds is computed at one precision in every mode, so that
+# docs/policies.md: every measure a policy thresholds is computed at one precision in every mode, so that
 # a threshold at the edge of its range gives the same exits on host, device and offline. That
 # precision is float64: in float32 a near-uniform ramp output (logits ~1e-3 apart) has a
 # normalised entropy within an ulp of 1.0, and XLA's and numpy's float32 exp/log, or XLA's at two

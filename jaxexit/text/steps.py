@@ -6,7 +6,7 @@ runs forward, without a backward pass, and layer L is not run at all). `joint` (
 everything trains on sum_i i * L_i / sum_i i. `alternate` (BERxiT, stage 3): everything trains,
 on L_L at even steps and on sum_i L_i (every ramp, the last included) at odd steps. Stage 4
 (BERxiT's learning to exit) trains the LTE module alone, on the frozen model's ramps: it predicts
-each ramp's error, target 1 - exp(-e_i) (DESIGN.md), loss the mean squared difference over ramps;
+each ramp's error, target 1 - exp(-e_i) (docs/training.md), loss the mean squared difference over ramps;
 gradients are taken with respect to the LTE subtree only.
 """
 
@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxexit import modeling, optim
-from jaxexit.config import EncoderConfig
+from jaxexit.text import modeling
+from jaxexit.training import optim
+from jaxexit.text.config import EncoderConfig
 
 
 def ramp_losses(logits: jax.Array, labels: jax.Array, weights: jax.Array, regression: bool) -> jax.Array:

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
-from jaxexit.serving import RequestError, Service
+from jaxexit.serving.engine import RequestError, Service
 
 
 ENDPOINTS = ("/v1/classify", "/v1/policy", "/healthz", "/metrics")
