@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from jaxexit.cli import console  # noqa: E402
 from jaxexit.exits import runners
-from jaxexit.cli.infer import add_policy_flags, main_cli  # noqa: E402
+from jaxexit.cli.infer import main_cli  # noqa: E402
+from jaxexit.cli.policy_flags import add_policy_flags  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from jaxexit.cli import console, infer  # noqa: E402
+from jaxexit.cli import console, infer, policy_flags  # noqa: E402
 from jaxexit.text import glue
 
 log = logging.getLogger("jaxexit.serve")
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = console.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a train/finetune.py run directory (default: the latest run in --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where train/finetune.py wrote its runs (default: runs)")
-    infer.add_policy_flags(p)
+    policy_flags.add_policy_flags(p)
     p.add_argument("--target-saving", type=float,
                    help="start at the best setting with at least this saving on dev (parameters given are held)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -84,7 +84,7 @@ def check_flags(args) -> None:
 
 def start_policy(args, model) -> dict | None:
     """The first policy as a `Service.set_policy` spec (None: the full model)."""
-    params = {k: getattr(args, k) for k in infer.PARAM_FLAGS if getattr(args, k) is not None}
+    params = {k: getattr(args, k) for k in policy_flags.PARAM_FLAGS if getattr(args, k) is not None}
     target = args.target_saving
     if target is None and args.latency_slo_ms is not None:
         target = args.min_saving
@@ -93,7 +93,7 @@ def start_policy(args, model) -> dict | None:
         return {"policy": args.policy or "pcee", "target_saving": target, **params, **extra}
     if not params and args.policy is None:
         return None
-    policy = infer.policy_from_args(args.policy, params, model.num_layers, model.config.num_labels,
+    policy = policy_flags.policy_from_args(args.policy, params, model.num_layers, model.config.num_labels,
                                         args.confidence, args.ensemble)
     return {"policy": policy.name, **dict(policy.params), **extra}
 

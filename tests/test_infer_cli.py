@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import GLUE, REPO
-from jaxexit.cli import infer
+from jaxexit.cli import infer, policy_flags
 from jaxexit.exits import policies
 
 
@@ -144,15 +144,15 @@ def test_clear_errors(trained_minilm_run, tmp_path, capsys):
 
 
 def test_policy_defaults_and_regression_refusal():
-    assert infer.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 2).name == "pcee"
-    assert infer.policy_from_args(None, {"tau": 0.2}, 6, 2)["patience"] == 1
-    assert infer.policy_from_args(None, {"patience": 2}, 6, 2).name == "pabee"
-    assert infer.policy_from_args(None, {"patience": 2, "delta": 0.1}, 6, 1).name == "pabee"
+    assert policy_flags.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 2).name == "pcee"
+    assert policy_flags.policy_from_args(None, {"tau": 0.2}, 6, 2)["patience"] == 1
+    assert policy_flags.policy_from_args(None, {"patience": 2}, 6, 2).name == "pabee"
+    assert policy_flags.policy_from_args(None, {"patience": 2, "delta": 0.1}, 6, 1).name == "pabee"
     with pytest.raises(ValueError, match="regression"):
-        infer.policy_from_args("entropy", {"S": 0.1}, 6, 1)
+        policy_flags.policy_from_args("entropy", {"S": 0.1}, 6, 1)
     with pytest.raises(ValueError, match="regression"):
-        infer.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 1)
+        policy_flags.policy_from_args(None, {"patience": 2, "tau": 0.2}, 6, 1)
     with pytest.raises(ValueError, match="do not name one policy"):
-        infer.policy_from_args(None, {"S": 0.1, "t": 0.5}, 6, 2)
+        policy_flags.policy_from_args(None, {"S": 0.1, "t": 0.5}, 6, 2)
     with pytest.raises(ValueError, match="unexpected"):
-        infer.policy_from_args("pabee", {"patience": 2, "tau": 0.3}, 6, 2)
+        policy_flags.policy_from_args("pabee", {"patience": 2, "tau": 0.3}, 6, 2)
