@@ -27,7 +27,7 @@ import numpy as np
 from jaxexit.text import batches, glue, metrics
 from jaxexit.exits import offline, policies, runners
 from jaxexit import EarlyExitModel
-from jaxexit.cli.infer import resolve_run
+from jaxexit.training.runs import resolve_run
 from jaxexit.exits.policies import make_policy
 
 

@@ -1,28 +1,23 @@
-"""infer/run.py on a real fine-tuned MiniLM checkpoint: summary, JSON, sweep, calibration, errors."""
+"""jaxexit-infer (infer/run.py) on a real fine-tuned MiniLM checkpoint: summary, JSON, sweep, calibration, errors."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 
 import pytest
 
-from conftest import GLUE, REPO
+from conftest import GLUE
 from jaxexit.cli import infer, policy_flags
-from jaxexit.exits import policies
-
-
-def _cli():
-    spec = importlib.util.spec_from_file_location("infer_run", REPO / "infer" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from jaxexit.exits import offline, policies, runners
+from jaxexit.text import glue, metrics
+from jaxexit.text.inputs import load_inputs
+from jaxexit.text.model import EarlyExitModel
 
 
 def test_pcee_by_default_with_timing_and_json(trained_minilm_run, tmp_path, capsys):
     out = tmp_path / "r.json"
-    result = _cli().main(["--checkpoint", str(trained_minilm_run.path), "--patience", "2", "--tau", "0.9",
+    result = infer.run(["--checkpoint", str(trained_minilm_run.path), "--patience", "2", "--tau", "0.9",
                           "--limit", "24", "--json", str(out), "--output", str(tmp_path / "pred.tsv")])
     printed = capsys.readouterr().out
     assert "pcee" in printed and "wall saving" in printed and "exits/layer" in printed
@@ -46,20 +41,19 @@ def test_pcee_by_default_with_timing_and_json(trained_minilm_run, tmp_path, caps
 def test_confidence_and_ensemble_flags_run_in_every_mode_as_offline(trained_minilm_run, tmp_path, mode):
     argv = ["--checkpoint", str(trained_minilm_run.path), "--patience", "2", "--tau", "0.5", "--confidence", "maxprob",
             "--ensemble", "--limit", "24", "--mode", mode, "--json", str(tmp_path / f"{mode}.json")]
-    result = _cli().main(argv + (["--batch-size", "8"] if mode in ("batched", "device") else []))
+    result = infer.run(argv + (["--batch-size", "8"] if mode in ("batched", "device") else []))
     assert result["policy"] == "pcee[maxprob]+ensemble" and result["patience"] == 2
-    model = infer.EarlyExitModel.from_run(trained_minilm_run.path)
-    split, _ = infer.load_inputs(trained_minilm_run, model, infer.glue.get_task("sst2"), "validation",
-                                     str(GLUE / "SST-2"), limit=24)
+    model = EarlyExitModel.from_run(trained_minilm_run.path)
+    split, _ = load_inputs(trained_minilm_run, model, glue.get_task("sst2"), "validation", str(GLUE / "SST-2"),
+                           limit=24)
     policy = policies.make_policy("pcee[maxprob]+ensemble", 6, 2, patience=2, tau=0.5)
-    want = infer.offline.evaluate(policy, infer.runners.cached_logits(model, split), split.labels,
-                                      infer.metrics.accuracy)
+    want = offline.evaluate(policy, runners.cached_logits(model, split), split.labels, metrics.accuracy)
     assert want.saving > 0  # rows exit before layer 6, where the ensemble has more than one ramp to average
     assert result["exit_histogram"] == want.histogram.tolist() and result["score"] == pytest.approx(want.score)
 
 
 def test_sweep_writes_csv_and_png(trained_minilm_run, tmp_path):
-    result = _cli().main(["--checkpoint", str(trained_minilm_run.path), "--sweep", "--limit", "64",
+    result = infer.run(["--checkpoint", str(trained_minilm_run.path), "--sweep", "--limit", "64",
                           "--json", str(tmp_path / "s.json")])
     assert result["settings"] >= 500
     with open(result["sweep_csv"]) as f:
@@ -70,14 +64,14 @@ def test_sweep_writes_csv_and_png(trained_minilm_run, tmp_path):
 
 
 def test_calibration_reports_on_the_other_half(trained_minilm_run, tmp_path):
-    result = _cli().main(["--checkpoint", str(trained_minilm_run.path), "--policy", "maxprob",
+    result = infer.run(["--checkpoint", str(trained_minilm_run.path), "--policy", "maxprob",
                           "--target-saving", "0.3", "--limit", "80", "--json", str(tmp_path / "c.json")])
     cal = result["calibration"]
     assert cal["calibration_half"]["saving"] >= 0.3 - 1e-9
     assert cal["split_seed"] == 0 and "split seed 0" in cal["halves"] and "report_half" in cal
     assert cal["fixed"] == {} and set(cal["chosen"]) == {"t"}
     assert json.loads((tmp_path / "c.json").read_text())["calibration"]["split_seed"] == 0
-    again = _cli().main(["--checkpoint", str(trained_minilm_run.path), "--policy", "maxprob", "--split-seed", "5",
+    again = infer.run(["--checkpoint", str(trained_minilm_run.path), "--policy", "maxprob", "--split-seed", "5",
                          "--target-saving", "0.3", "--limit", "80", "--json", str(tmp_path / "c5.json")])
     assert again["calibration"]["split_seed"] == 5
 
@@ -88,7 +82,7 @@ def test_calibration_reports_on_the_other_half(trained_minilm_run, tmp_path):
     (["--policy", "pcee"], {}, {"patience", "tau"}),
 ])
 def test_calibration_keeps_given_parameters_fixed(trained_minilm_run, tmp_path, capsys, flags, fixed, chosen):
-    result = _cli().main(["--checkpoint", str(trained_minilm_run.path), *flags, "--target-saving", "0.3",
+    result = infer.run(["--checkpoint", str(trained_minilm_run.path), *flags, "--target-saving", "0.3",
                           "--limit", "64", "--json", str(tmp_path / "c.json")])
     cal = result["calibration"]
     assert cal["fixed"] == fixed and set(cal["chosen"]) == chosen
@@ -99,7 +93,7 @@ def test_calibration_keeps_given_parameters_fixed(trained_minilm_run, tmp_path, 
 
 
 def test_flags_that_cannot_apply_are_errors(trained_minilm_run, capsys):
-    cli, ckpt = _cli(), str(trained_minilm_run.path)
+    ckpt = str(trained_minilm_run.path)
     for argv, message in [
         (["--policy", "pcee", "--S", "0.3", "--target-saving", "0.3"], "S cannot apply to it"),
         (["--policy", "entropy", "--S", "0.3", "--target-saving", "0.3"], "nothing is left to calibrate"),
@@ -114,19 +108,18 @@ def test_flags_that_cannot_apply_are_errors(trained_minilm_run, capsys):
         (["--policy", "entropy", "--S", "0.2", "--confidence", "maxprob"], "confidence applies to pcee only"),
     ]:
         with pytest.raises(SystemExit):
-            cli.main(["--checkpoint", ckpt, *argv])
+            infer.run(["--checkpoint", ckpt, *argv])
         assert message in capsys.readouterr().err, argv
 
 
 def test_own_text(trained_minilm_run, capsys):
-    _cli().main(["--checkpoint", str(trained_minilm_run.path), "--patience", "1", "--tau", "0.5",
+    infer.run(["--checkpoint", str(trained_minilm_run.path), "--patience", "1", "--tau", "0.5",
                  "--text", "a gripping , funny film", "dull and lifeless"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].split("\t")[0] in ("positive", "negative") and "layer" in lines[0]
 
 
 def test_clear_errors(trained_minilm_run, tmp_path, capsys):
-    cli = _cli()
     ckpt = str(trained_minilm_run.path)
     for argv, message in [
         (["--checkpoint", str(tmp_path / "none"), "--tau", "0.2"], "does not exist"),
@@ -139,7 +132,7 @@ def test_clear_errors(trained_minilm_run, tmp_path, capsys):
         (["--runs-dir", str(tmp_path), "--tau", "0.2"], "run train/finetune.py first"),
     ]:
         with pytest.raises(SystemExit):
-            cli.main(argv)
+            infer.run(argv)
         assert message in capsys.readouterr().err, argv
 
 

@@ -5,15 +5,9 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import sys
-
 
 from conftest import GLUE, MINILM, REPO, require
-
-sys.path.insert(0, str(REPO / "train"))
-sys.path.insert(0, str(REPO / "infer"))
-import finetune as finetune_cli  # noqa: E402
-import run as run_cli  # noqa: E402
+from jaxexit.cli import finetune as finetune_cli, infer as run_cli
 
 README = (REPO / "README.md").read_text()
 
@@ -43,8 +37,8 @@ def test_offline_quick_start_runs(tmp_path, monkeypatch, capsys):
     runs = str(tmp_path / "runs")
     budget = ["--max-steps", "2", "--batch-size", "8", "--max-train-examples", "64", "--max-eval-examples", "32",
               "--output-dir", runs, "--no-progress"]
-    run = finetune_cli.main(shlex.split(train_line)[2:] + budget)
+    run = finetune_cli.run(shlex.split(train_line)[2:] + budget)
     assert (run.path / "summary.json").is_file()
-    result = run_cli.main(shlex.split(infer_line)[2:] + ["--runs-dir", runs, "--limit", "8"])
+    result = run_cli.run(shlex.split(infer_line)[2:] + ["--runs-dir", runs, "--limit", "8"])
     printed = capsys.readouterr().out
     assert result["policy"] == "pcee" and result["n"] == 8 and "wall saving" in printed

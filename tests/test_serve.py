@@ -1,4 +1,4 @@
-"""infer/serve.py: the real server as a subprocess on a loopback port, driven by a real HTTP client.
+"""jaxexit-serve (infer/serve.py): the real server as a subprocess on a loopback port, driven by a real HTTP client.
 
 Its answers equal infer/run.py's offline predictions for the same policy; replacing the policy
 under a concurrent load loses no request and changes the realised saving from the requests that
@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
-import importlib.util
 import json
 import os
 import socket
@@ -32,7 +31,12 @@ from jaxexit.text import glue, metrics
 from jaxexit.exits import offline, policies, runners
 from jaxexit.text.model import EarlyExitModel
 from jaxexit.training.checkpoint import RunDir
-from jaxexit.serving.engine import Controller, Engine, RequestError, Service, load_table
+from jaxexit.cli import infer as infer_cli, serve as serve_cli
+from jaxexit.serving.controller import Controller
+from jaxexit.serving.engine import Engine
+from jaxexit.serving.errors import RequestError
+from jaxexit.serving.service import Service
+from jaxexit.serving.table import load_table
 from jaxexit.text.train_config import TrainConfig
 from jaxexit.text.trainer import finetune
 
@@ -104,13 +108,6 @@ def _dev_texts(run) -> list[str]:
     return [ex.text_a for ex in examples]
 
 
-def _run_cli():
-    spec = importlib.util.spec_from_file_location("infer_run", REPO / "infer" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _metrics(url: str) -> dict:
     """`{(name, labels as a sorted tuple): value}` from /metrics, through prometheus_client's parser."""
     text = httpx.get(url + "/metrics").text
@@ -146,8 +143,8 @@ def test_answers_equal_infer_run_offline_predictions(sst2_server, tiny_runs, tmp
     got = [r for a in answers for r in a.json()["results"]]
     assert all(a.json()["policy"]["tau"] == tau for a in answers)
 
-    _run_cli().main(["--checkpoint", str(run), "--policy", "pcee", "--patience", "1", "--tau", str(tau),
-                     "--mode", "offline", "--output", str(tmp_path / "pred.tsv"), "--json", str(tmp_path / "r.json")])
+    infer_cli.run(["--checkpoint", str(run), "--policy", "pcee", "--patience", "1", "--tau", str(tau),
+                   "--mode", "offline", "--output", str(tmp_path / "pred.tsv"), "--json", str(tmp_path / "r.json")])
     with open(tmp_path / "pred.exits.tsv") as f:
         want = list(csv.DictReader(f, delimiter="\t"))
     assert len(got) == len(want) == len(texts)
@@ -312,15 +309,12 @@ def test_latency_objective_raises_the_target_under_load(tiny_runs):
 
 
 def test_bad_flags_end_with_one_error_line(tiny_runs, capsys):
-    spec = importlib.util.spec_from_file_location("infer_serve", REPO / "infer" / "serve.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     for argv, words in ((["--port", "0"], "--port"), (["--target-saving", "1.2"], "--target-saving"),
                         (["--no-table", "--target-saving", "0.3"], "--no-table"),
                         (["--latency-slo-ms", "100", "--min-saving", "0.5", "--max-saving", "0.2"], "--max-saving"),
                         (["--checkpoint", str(tiny_runs["sst2"] / "missing")], "does not exist")):
         with pytest.raises(SystemExit) as e:
-            cli.main(argv)
+            serve_cli.main(argv)
         assert e.value.code == 2 and words in capsys.readouterr().err
 
 

@@ -12,6 +12,7 @@ Every refusal is a 4xx with `{"error": "<what is wrong>"}`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from fastapi import FastAPI, Request
@@ -20,7 +21,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
-from jaxexit.serving.engine import RequestError, Service
+from jaxexit.serving.errors import RequestError
+from jaxexit.serving.service import Service
+
+log = logging.getLogger(__name__)
 
 
 ENDPOINTS = ("/v1/classify", "/v1/policy", "/healthz", "/metrics")
@@ -160,3 +164,16 @@ def create_app(service: Service, max_body_bytes: int = 1 << 20) -> FastAPI:
 
     started = time.monotonic()
     return app
+
+
+def serve(service: Service, host: str = "127.0.0.1", port: int = 8000, max_body_bytes: int = 1 << 20) -> None:
+    """Answer HTTP on `host:port` (uvicorn) until stopped; the service is closed after."""
+    import uvicorn
+
+    app = create_app(service, max_body_bytes=max_body_bytes)
+    log.info("serving %s (%s, %d layers) on http://%s:%d with %s", service.source, service.task.tsv_dir,
+             service.model.num_layers, host, port, service.active.policy)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        service.close()

@@ -1,0 +1,125 @@
+"""`jaxexit-serve` (`infer/serve.py`): serve a fine-tuned run over HTTP. The service is assembled by
+`jaxexit.serving.service.build_service` and put behind HTTP by `jaxexit.serving.app.serve`; this
+module holds the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxexit.cli import console, policy_flags
+
+# --help's text (the scripts' usage, as infer/serve.py has always shown it)
+_USAGE = """Serve a fine-tuned run over HTTP; its speed/quality trade-off is turned while it runs.
+
+    python infer/serve.py --checkpoint runs/sst2-joint --target-saving 0.5       # pcee at >= 50% saving
+    python infer/serve.py --patience 2 --tau 0.3 --port 8080                      # explicit thresholds
+    python infer/serve.py --target-saving 0.25 --latency-slo-ms 150 --max-saving 0.75   # speed follows the load
+
+    curl -s localhost:8000/v1/classify -H 'content-type: application/json' -d '{"texts": ["a gripping film"]}'
+    curl -s -X PUT localhost:8000/v1/policy -H 'content-type: application/json' -d '{"target_saving": 0.75}'
+
+A target saving maps to the best thresholds of the policy (pcee unless --policy names another; its
+parameters given as flags are held) with at least that saving on the run's labelled dev split.
+Ramp outputs on that split are computed once and stored in <run>/serving/.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = console.Parser(description=_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a train/finetune.py run directory (default: the latest run in --runs-dir)")
+    p.add_argument("--runs-dir", default="runs", help="where train/finetune.py wrote its runs (default: runs)")
+    policy_flags.add_policy_flags(p)
+    p.add_argument("--target-saving", type=float,
+                   help="start at the best setting with at least this saving on dev (parameters given are held)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--max-batch", type=int, default=32, help="most inputs in one model batch (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="longest an input waits for others to share its batch (default 2 ms)")
+    p.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request (default 256)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--latency-slo-ms", type=float,
+                   help="adaptive speed: move the target saving so that the p95 latency stays under this")
+    p.add_argument("--min-saving", type=float, default=0.0, help="adaptive speed: lowest target (default 0)")
+    p.add_argument("--max-saving", type=float,
+                   help="adaptive speed: highest target (default: the most the policy reaches on dev)")
+    p.add_argument("--control-interval-s", type=float, default=1.0, help="adaptive speed: seconds between decisions")
+    p.add_argument("--control-window-s", type=float, default=5.0,
+                   help="adaptive speed: the p95 is over requests answered in this many seconds")
+    p.add_argument("--control-step", type=float, default=0.05, help="adaptive speed: target change per decision")
+    p.add_argument("--data-dir", help="GLUE TSV directory of the calibration split (default: the run's)")
+    p.add_argument("--compile-cache", default=None,
+                   help="XLA's persistent compilation cache, so that a restart skips most of the warm-up's "
+                        "compiling (default: <run>/serving/xla-cache; 'none' to keep nothing)")
+    p.add_argument("--no-table", action="store_true",
+                   help="no calibration table (explicit thresholds only; no --target-saving or --latency-slo-ms)")
+    return p
+
+
+def check_flags(args) -> None:
+    checks = [
+        (not 0 < args.port < 65536, f"--port must be in 1..65535, got {args.port}"),
+        (args.max_batch < 1, f"--max-batch must be >= 1, got {args.max_batch}"),
+        (args.max_wait_ms < 0, f"--max-wait-ms must be >= 0, got {args.max_wait_ms}"),
+        (args.max_inputs < 1, f"--max-inputs must be >= 1, got {args.max_inputs}"),
+        (args.max_body_bytes < 1024, f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}"),
+        (args.target_saving is not None and not 0 <= args.target_saving < 1,
+         f"--target-saving must be in [0, 1), got {args.target_saving}"),
+        (args.latency_slo_ms is not None and not args.latency_slo_ms > 0,
+         f"--latency-slo-ms must be > 0, got {args.latency_slo_ms}"),
+        (not 0 <= args.min_saving < 1, f"--min-saving must be in [0, 1), got {args.min_saving}"),
+        (args.max_saving is not None and not args.min_saving <= args.max_saving < 1,
+         f"--max-saving must be in [--min-saving, 1), got {args.max_saving}"),
+        (args.no_table and (args.target_saving is not None or args.latency_slo_ms is not None),
+         "--no-table leaves nothing to map --target-saving or --latency-slo-ms through"),
+        (args.control_interval_s <= 0 or args.control_window_s <= 0 or not 0 < args.control_step < 1,
+         "--control-interval-s and --control-window-s must be > 0, --control-step in (0, 1)"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise ValueError(message)
+
+
+def start_policy(args, model) -> dict | None:
+    """The first policy as a `Service.set_policy` spec (None: the full model)."""
+    params = {k: getattr(args, k) for k in policy_flags.PARAM_FLAGS if getattr(args, k) is not None}
+    target = args.target_saving
+    if target is None and args.latency_slo_ms is not None:
+        target = args.min_saving
+    extra = {"confidence": args.confidence, "ensemble": args.ensemble or None}
+    if target is not None:
+        return {"policy": args.policy or "pcee", "target_saving": target, **params, **extra}
+    if not params and args.policy is None:
+        return None
+    policy = policy_flags.policy_from_args(args.policy, params, model.num_layers, model.config.num_labels,
+                                        args.confidence, args.ensemble)
+    return {"policy": policy.name, **dict(policy.params), **extra}
+
+
+def _control(args) -> dict | None:
+    """The latency controller's settings (`build_service`'s `control`), with --latency-slo-ms."""
+    if args.latency_slo_ms is None:
+        return None
+    return {"slo_s": args.latency_slo_ms / 1e3, "min_saving": args.min_saving, "max_saving": args.max_saving,
+            "step": args.control_step, "interval_s": args.control_interval_s, "window_s": args.control_window_s}
+
+
+def main(argv=None) -> None:
+    """The console script `jaxexit-serve`: answers HTTP until stopped."""
+    from jaxexit.serving.app import serve
+    from jaxexit.serving.service import build_service
+
+    args = build_parser().parse_args(argv)
+    console.setup(keep_for_file=False)
+    try:
+        check_flags(args)
+        service = build_service(
+            args.checkpoint, args.runs_dir, start=lambda model: start_policy(args, model), table=not args.no_table,
+            require_table=args.target_saving is not None or args.latency_slo_ms is not None, data_dir=args.data_dir,
+            max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1e3, max_inputs=args.max_inputs,
+            compile_cache=False if args.compile_cache == "none" else args.compile_cache or True,
+            control=_control(args))
+    except console.USER_ERRORS as e:
+        console.fail(str(e), e)
+    serve(service, args.host, args.port, args.max_body_bytes)

@@ -1,0 +1,310 @@
+"""The service: the model, its task, the active policy (explicit, or a target saving mapped through
+the calibration table), the engine, the latency controller and the metrics (`Service`); and its
+assembly from a run directory, warmed up (`build_service`), which `jaxexit-serve` puts behind HTTP
+(`jaxexit.serving.app`). docs/serving.md describes the service.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxexit.exits import offline, policies
+from jaxexit.serving.controller import Controller
+from jaxexit.serving.engine import Engine
+from jaxexit.serving.errors import RequestError
+from jaxexit.serving.metrics import Metrics
+from jaxexit.serving.table import CalibrationTable, load_table
+from jaxexit.text import glue
+from jaxexit.text.model import EarlyExitModel
+from jaxexit.training.runs import resolve_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivePolicy:
+    """The policy new requests get; with `target` set, it came from the calibration table."""
+
+    policy: policies.Policy
+    target: float | None = None
+    fixed: tuple = ()
+    row: dict | None = None  # the table row of the policy (calibration split)
+    source: str = "start"
+
+    def describe(self) -> dict:
+        out = {**self.policy.as_dict(), "target_saving": self.target}
+        if self.fixed:
+            out["fixed"] = dict(self.fixed)
+        if self.row is not None:
+            out["calibration"] = {"saving": self.row["saving"], "score": self.row["score"], "drop": self.row["drop"]}
+        return out
+
+
+POLICY_KEYS = ("policy", "confidence", "ensemble", "target_saving", *policies.FLOAT_PARAMS, "patience", "k")
+
+
+class Service:
+    """The model, its task, the active policy, the engine, the controller and the metrics."""
+
+    def __init__(self, model: EarlyExitModel, task: glue.Task, table: CalibrationTable | None = None, *,
+                 max_batch: int = 32, max_wait_s: float = 0.002, max_inputs: int = 256, window: int = 2000,
+                 source: str = ""):
+        self.model, self.task, self.table, self.max_inputs, self.source = model, task, table, max_inputs, source
+        self.metrics = Metrics(model.num_layers)
+        self.engine = Engine(model, max_batch, max_wait_s, self.metrics)
+        self._active = ActivePolicy(policies.make_policy("static", model.num_layers, model.config.num_labels,
+                                                         k=model.num_layers))
+        self._lock = threading.Lock()
+        self._exits: collections.deque[int] = collections.deque(maxlen=window)
+        self._exit_sum = 0  # of self._exits, kept as inputs come and go
+        self._latencies: collections.deque[tuple[float, float]] = collections.deque(maxlen=20000)
+        self.controller: Controller | None = None
+        self._warm = False
+        jax.monitoring.register_event_duration_secs_listener(self._on_compile)
+
+    def _on_compile(self, event: str, duration: float, **_) -> None:
+        if self._warm and event == "/jax/core/compile/backend_compile_duration":
+            self.metrics.compiles.inc()
+
+    def warm_up(self) -> int:
+        shapes = self.engine.warm_up()
+        self._warm = True
+        return shapes
+
+    def close(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+        self.engine.close()
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)  # jax >= 0.4.36
+        if unregister is not None:
+            unregister(self._on_compile)
+
+    # -- the policy
+    @property
+    def active(self) -> ActivePolicy:
+        return self._active
+
+    def set_policy(self, spec: dict, source: str = "api") -> ActivePolicy:
+        """Replace the active policy: `{"policy": name, **params}` (with `confidence`, `ensemble`)
+        or `{"target_saving": x}` (optionally with `policy` and parameters to hold). Raises
+        RequestError naming what is wrong."""
+        active = self.resolve(spec, source)
+        with self._lock:
+            self._active = active
+        self.metrics.policy_changes.labels(source).inc()
+        self.metrics.target_saving.set(math.nan if active.target is None else active.target)
+        self.metrics.expected_saving.set(math.nan if active.row is None else active.row["saving"])
+        log.info("policy (%s): %s%s", source, active.policy,
+                 "" if active.target is None else f" for target saving {active.target}")
+        return active
+
+    def resolve(self, spec: dict, source: str = "api") -> ActivePolicy:
+        if not isinstance(spec, dict):
+            raise RequestError("the policy must be a JSON object")
+        unknown = sorted(set(spec) - set(POLICY_KEYS))
+        if unknown:
+            raise RequestError(f"unknown field(s) {', '.join(unknown)}; a policy takes {', '.join(POLICY_KEYS)}")
+        spec = {k: v for k, v in spec.items() if v is not None}
+        L, C = self.model.num_layers, self.model.config.num_labels
+        name = spec.get("policy")
+        if name is not None and not isinstance(name, str):
+            raise RequestError(f"policy must be a string, got {name!r}")
+        confidence, ensemble = spec.get("confidence", "entropy"), spec.get("ensemble", False)
+        if not isinstance(ensemble, bool):
+            raise RequestError(f"ensemble must be true or false, got {ensemble!r}")
+        params = {k: v for k, v in spec.items() if k not in ("policy", "confidence", "ensemble", "target_saving")}
+        for key, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RequestError(f"{key} must be a number, got {value!r}")
+        try:
+            if "target_saving" in spec:
+                return self._from_table(spec["target_saving"], name or "pcee", confidence, ensemble, params, source)
+            if name is None:
+                raise RequestError("give a policy (e.g. {\"policy\": \"pcee\", \"patience\": 2, \"tau\": 0.3}) "
+                                   "or a target_saving")
+            policy = policies.make_policy(policies.compose_label(name, confidence, ensemble), L, C, **params)
+        except RequestError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise RequestError(str(e)) from None
+        if policy.needs_lte and not self.model.config.lte:
+            raise RequestError(policies.NEEDS_LTE.format(policy=policy.label))
+        return ActivePolicy(policy, source=source)
+
+    def _from_table(self, target, name, confidence, ensemble, fixed, source) -> ActivePolicy:
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 <= target < 1.0:
+            raise RequestError(f"target_saving must be a number in [0, 1), got {target!r}")
+        if self.table is None:
+            raise RequestError("this service has no calibration table (start it with a labelled split): "
+                               "give explicit thresholds instead of a target_saving")
+        label = policies.compose_label(name, confidence, ensemble)
+        policies.parse_label(label)
+        policy, row = self.table.lookup(label, float(target), fixed)
+        if policy.needs_lte and not self.model.config.lte:
+            raise RequestError(policies.NEEDS_LTE.format(policy=policy.label))
+        return ActivePolicy(policy, float(target), tuple(sorted(fixed.items())), row, source)
+
+    def describe_policy(self) -> dict:
+        """The active policy, what the calibration table offers (per policy: the largest target
+        saving it can meet), the realised saving and the controller's settings."""
+        config = self.model.config
+        out = {"active": self._active.describe(), "task": self.task.tsv_dir, "num_layers": self.model.num_layers,
+               "policies": list(offline.applicable(config.num_labels, config.lte)),
+               "realised_saving": self.realised_saving()}
+        if self.table is not None:
+            out["table"] = {**self.table.summary(), "max_saving": {
+                label: self.table.max_saving(label) for label in offline.applicable(config.num_labels, config.lte)}}
+        if self.controller is not None:
+            out["controller"] = self.controller.describe()
+        return out
+
+    # -- requests
+    def check_inputs(self, texts, pairs) -> tuple[list[str], list[str] | None]:
+        """The request's inputs as (first sentences, second sentences or None), or RequestError."""
+        if (texts is None) == (pairs is None):
+            raise RequestError('give exactly one of "texts" and "pairs"')
+        kind = "texts" if texts is not None else "pairs"
+        values = texts if texts is not None else pairs
+        if not values:
+            raise RequestError(f"{kind} is empty: nothing to classify")
+        if len(values) > self.max_inputs:
+            raise RequestError(f"{len(values)} inputs in one request; this service takes at most {self.max_inputs} "
+                               "(--max-inputs)", status=413)
+        if self.task.is_pair and texts is not None:
+            raise RequestError(f"{self.task.tsv_dir} classifies sentence pairs: send \"pairs\": [[a, b], ...]")
+        if not self.task.is_pair and pairs is not None:
+            raise RequestError(f"{self.task.tsv_dir} classifies single sentences: send \"texts\": [...]")
+        if texts is not None:
+            return list(texts), None
+        return [a for a, _ in pairs], [b for _, b in pairs]
+
+    def submit(self, texts, pairs=None) -> tuple[concurrent.futures.Future, ActivePolicy, float]:
+        """Tokenise and queue a request's inputs under the policy active now: (future of
+        `(exit_layer, outputs)`, that policy, arrival time)."""
+        arrived = time.perf_counter()
+        first, second = self.check_inputs(texts, pairs)
+        rows, types = self.model.tokenizer.encode(first, second)
+        active = self._active  # the policy of this request, whatever happens after
+        return self.engine.submit(rows, types, active.policy), active, arrived
+
+    def answer(self, active: ActivePolicy, exit_layer: np.ndarray, outputs: np.ndarray, arrived: float) -> dict:
+        """The response body, and the request's metrics."""
+        policy = active.policy
+        results = []
+        for m, z in zip(exit_layer.tolist(), outputs):
+            if self.task.is_regression:
+                results.append({"score": float(z[0]), "exit_layer": m})
+                continue
+            probs = z if policy.ensemble else np.exp(policies.log_softmax(z[None].astype(np.float64))[0])
+            label_id = int(np.argmax(z))
+            results.append({"label": self.task.label_names[label_id], "label_id": label_id,
+                            "probabilities": [float(p) for p in probs], "exit_layer": m})
+        now = time.perf_counter()
+        with self._lock:
+            for m in exit_layer.tolist():
+                if len(self._exits) == self._exits.maxlen:
+                    self._exit_sum -= self._exits[0]  # the oldest leaves the window
+                self._exits.append(m)
+                self._exit_sum += m
+            self._latencies.append((now, now - arrived))
+        self.metrics.latency.observe(now - arrived)
+        self.metrics.inputs.inc(len(results))
+        for m in exit_layer.tolist():
+            self.metrics.exit_layer.observe(m)
+        self.metrics.realised_saving.set(self.realised_saving())
+        return {"results": results, "policy": active.describe(), "num_layers": self.model.num_layers}
+
+    def realised_saving(self) -> float | None:
+        with self._lock:
+            if not self._exits:
+                return None
+            return 1.0 - self._exit_sum / len(self._exits) / self.model.num_layers
+
+    def recent_latencies(self, seconds: float) -> np.ndarray:
+        since = time.perf_counter() - seconds
+        with self._lock:
+            return np.array([lat for t, lat in self._latencies if t >= since])
+
+
+# ---- assembly ----------------------------------------------------------------------------------------------
+def use_compile_cache(directory: Path) -> None:
+    """Keep every compiled program in `directory` (JAX's persistent cache; on CPU too)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    for option, value in (("jax_persistent_cache_min_compile_time_secs", 0.0),
+                          ("jax_persistent_cache_min_entry_size_bytes", 0)):
+        try:
+            jax.config.update(option, value)
+        except AttributeError:  # an older jax without the option: its default applies
+            pass
+
+
+def build_service(checkpoint: str | None = None, runs_dir: str = "runs", *,
+                  start: dict | Callable[[EarlyExitModel], dict | None] | None = None, table: bool = True,
+                  require_table: bool = False, data_dir: str | None = None, max_batch: int = 32,
+                  max_wait_s: float = 0.002, max_inputs: int = 256, compile_cache: str | os.PathLike | bool = True,
+                  control: dict | None = None) -> Service:
+    """Load the run (`checkpoint`, else the latest under `runs_dir`), its calibration table on the
+    labelled dev split, the service with its first policy, warmed up, and with `control` its latency
+    controller started.
+
+    `start`: the first policy as a `Service.set_policy` spec, or a function of the model returning
+    one (None: the full model). `require_table`: a missing table is an error (a target saving needs
+    it), else a warning. `compile_cache`: XLA's persistent cache directory (True: `<run>/serving/
+    xla-cache`; False: none). `control`: `Controller` settings (`slo_s`, `min_saving`, `max_saving`
+    (None: the most the active policy reaches on dev), `step`, `interval_s`, `window_s`).
+    """
+    run = resolve_run(checkpoint, runs_dir)
+    if compile_cache is not False:
+        use_compile_cache(Path(run.path / "serving" / "xla-cache" if compile_cache is True else compile_cache))
+    task = glue.get_task(run.train_config()["task"])
+    model = EarlyExitModel.from_run(run.path)
+    calibration = None
+    if table:
+        data_dir = data_dir or run.train_config().get("data_dir")
+        split = glue.resolve_splits(task, "dev")[0]
+        try:
+            calibration = load_table(run, model, task, split, data_dir)
+        except (OSError, ValueError) as e:
+            if require_table:
+                raise ValueError(f"no calibration table for --target-saving / --latency-slo-ms: {e}") from None
+            log.warning("no calibration table (target savings refused): %s", e)
+    service = Service(model, task, calibration, max_batch=max_batch, max_wait_s=max_wait_s, max_inputs=max_inputs,
+                      source=str(run.path))
+    spec = start(model) if callable(start) else start
+    if spec is None:
+        log.info("no exit policy given: serving the full model (%d layers); turn it with PUT /v1/policy",
+                 model.num_layers)
+    else:
+        service.set_policy(spec, source="start")
+    began = time.perf_counter()
+    shapes = service.warm_up()
+    log.info("warm-up: %d batch shapes compiled in %.1f s (batches of up to %d inputs, lengths %s)", shapes,
+             time.perf_counter() - began, max_batch, ", ".join(map(str, model.tokenizer.buckets)))
+    if control is not None:
+        _start_controller(service, **control)
+    return service
+
+
+def _start_controller(service: Service, slo_s: float, min_saving: float = 0.0, max_saving: float | None = None,
+                      step: float = 0.05, interval_s: float = 1.0, window_s: float = 5.0) -> None:
+    active = service.active
+    reach = service.table.max_saving(active.policy.label, dict(active.fixed))
+    top = reach if max_saving is None else max_saving
+    if top > reach + 1e-9:
+        raise ValueError(f"--max-saving {top} is beyond what {active.policy.label} reaches on dev ({reach:.3f})")
+    service.controller = Controller(service, slo_s, min_saving, top, step=step, interval_s=interval_s,
+                                    window_s=window_s).start()
+    log.info("adaptive speed: p95 objective %.0f ms, target saving in [%.2f, %.2f]", slo_s * 1e3, min_saving, top)
