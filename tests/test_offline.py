@@ -42,6 +42,9 @@ def grid_with_ties(label, logits):
     if name == "pcee":
         c = P.normalized_entropy(logits)[:, picks[:2]].ravel().tolist()
         return [dict(patience=p, tau=tau) for p in (1, 2, 3, L - 1, L, L + 2) for tau in [0.0, 0.3, 0.7, 1.0] + c]
+    if name == "margin":  # tied logits: many top-two ties, margin exactly 0
+        m = P.top2_margin(logits)[:, picks].ravel().tolist()
+        return [dict(margin=t) for t in [0.0, 0.3, 0.9, 1.0] + m]
     if name == "pabee" and C == 1:
         return [dict(patience=p, delta=d) for p in (1, 2, L - 1, L) for d in (0.0, 0.5, 1.0, 2.0, 4.0)]
     if name == "pabee":

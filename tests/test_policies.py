@@ -48,6 +48,7 @@ SETTINGS = [  # (name, params) over classification, C = 3
     ("pcee[maxprob]", dict(patience=2, tau=0.8)), ("pcee[maxprob]", dict(patience=1, tau=0.95)),
     ("entropy+ensemble", dict(S=0.3)), ("pcee+ensemble", dict(patience=2, tau=0.3)),
     ("pabee+ensemble", dict(patience=2)), ("pcee[maxprob]+ensemble", dict(patience=2, tau=0.8)),
+    ("margin", dict(margin=0.5)), ("margin+ensemble", dict(margin=0.2)),
 ]
 
 
@@ -168,6 +169,44 @@ def test_maxprob_exits_strictly_above_t():
     assert P.simulate(make_policy("maxprob", 4, 2, t=0.5), z)[0].tolist() == [2]  # 0.5 is not > 0.5
 
 
+def test_margin_exits_when_the_top_two_probabilities_are_more_than_margin_apart():
+    z = one_row([1.0, 1.0, 0.0], [0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [3.0, 0.0, 0.0])
+    gap = float(P.top2_margin(z[1, 0]))  # e^2 - e over e^0 + e^1 + e^2, ~0.4223
+    assert math.isclose(gap, (math.e ** 2 - math.e) / (1 + math.e + math.e ** 2), rel_tol=1e-12)
+    assert P.simulate(make_policy("margin", 4, 3, margin=0.4), z)[0].tolist() == [2]
+    assert P.simulate(make_policy("margin", 4, 3, margin=gap), z)[0].tolist() == [3]  # strictly above
+    assert P.simulate(make_policy("margin", 4, 3, margin=0.0), z)[0].tolist() == [2]  # layer 1's top two tie
+    assert P.earliest_exit(make_policy("margin", 4, 3, margin=0.5)) == 1
+
+
+def test_policy_flags_come_from_the_registry():
+    import argparse
+
+    from jaxexit.cli import policy_flags
+
+    parser = argparse.ArgumentParser()
+    policy_flags.add_policy_flags(parser)
+    assert set(policy_flags.PARAM_FLAGS) == set(P.PARAM_NAMES) >= {"patience", "tau", "S", "t", "delta", "k", "margin"}
+
+    def policy(*argv, C=3):
+        args = parser.parse_args(list(argv))
+        params = {k: getattr(args, k) for k in policy_flags.PARAM_FLAGS}
+        return policy_flags.policy_from_args(args.policy, params, 6, C, args.confidence, args.ensemble)
+
+    assert str(policy("--policy", "margin", "--margin", "0.5")) == "margin(margin=0.5)"
+    assert str(policy("--margin", "0.25", "--ensemble")) == "margin+ensemble(margin=0.25)"  # --margin names it
+    assert str(policy("--t", "0.5")) == "maxprob(t=0.5)" and str(policy("--max-prob", "0.5")) == "maxprob(t=0.5)"
+    assert str(policy("--policy", "berxit", "--t", "0.5")).startswith("berxit(t=0.5)")
+    assert str(policy("--entropy", "0.2")) == "entropy(S=0.2)" and str(policy("--tau", "0.2")) == "pcee(patience=1, tau=0.2)"
+    assert str(policy("--patience", "2", "--delta", "0.1", C=1)) == "pabee(delta=0.1, patience=2)"
+    with pytest.raises(ValueError, match="unexpected \\['t'\\]"):
+        policy("--policy", "margin", "--t", "0.5")
+    with pytest.raises(ValueError, match="do not name one policy"):
+        policy("--margin", "0.5", "--t", "0.5")
+    with pytest.raises(ValueError, match="regression"):
+        policy("--margin", "0.5", C=1)
+
+
 def test_pabee_counts_unchanged_predictions():
     z = one_row(SURE0, SURE, SURE, SURE, SURE0, SURE0, SURE0, SURE0)  # argmax 0 1 1 1 0 0 0 0
     exit_layer, pred = P.simulate(make_policy("pabee", 8, 2, patience=2), z)
@@ -224,7 +263,7 @@ def test_no_exit_fires_at_last_layer(name, params):
 
 FULL_MODEL = [("entropy", dict(S=0.0)), ("pcee", dict(patience=1, tau=0.0)), ("pcee", dict(patience=6, tau=1.0)),
               ("maxprob", dict(t=1.0)), ("pabee", dict(patience=6)), ("pabee", dict(patience=9)),
-              ("static", dict(k=6))]
+              ("static", dict(k=6)), ("margin", dict(margin=1.0))]
 
 
 @pytest.mark.parametrize("name, params", FULL_MODEL)
@@ -248,6 +287,8 @@ def test_measures_are_finite_for_extreme_logits(xp):
         warnings.simplefilter("error")
         h, c, m = (np.asarray(f(xp.asarray(EXTREME), xp)) for f in (P.entropy, P.normalized_entropy, P.max_prob))
     assert np.isfinite(h).all() and np.isfinite(c).all() and np.isfinite(m).all()
+    g = np.asarray(P.top2_margin(xp.asarray(EXTREME), xp))
+    assert g.tolist()[:5] + g.tolist()[6:] == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0] and 0 < g[5] < 1
     assert (h >= 0).all() and (h <= math.log(3) + 1e-6).all() and (m <= 1).all() and (m >= 1 / 3 - 1e-6).all()
     assert h[[0, 2, 3, 4]].tolist() == [0.0] * 4 and m[[0, 2, 3, 4]].tolist() == [1.0] * 4  # exactly one-hot
     np.testing.assert_allclose(h[[1, 6]], math.log(3), rtol=1e-6)
@@ -349,7 +390,7 @@ def test_new_thresholds_reuse_the_compiled_loop():
 
 # ---- errors -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, params", [("entropy", dict(S=0.1)), ("pcee", dict(patience=2, tau=0.1)),
-                                          ("maxprob", dict(t=0.9))])
+                                          ("maxprob", dict(t=0.9)), ("margin", dict(margin=0.5))])
 def test_softmax_policies_refuse_regression(name, params):
     with pytest.raises(ValueError, match="regression"):
         make_policy(name, 6, 1, **params)
@@ -374,6 +415,8 @@ def test_softmax_policies_refuse_regression(name, params):
     ("entropy", 2, dict(S=0.1, tau=0.2), "unexpected \\['tau'\\]"),
     ("entropy", 2, dict(), "missing \\['S'\\]"),
     ("deebert", 2, dict(S=0.1), "unknown exit policy"),
+    ("margin", 2, dict(margin=1.5), "margin must be in \\[0.0, 1.0\\]"),
+    ("margin", 2, dict(t=0.5), "unexpected \\['t'\\]"),
 ])
 def test_out_of_range_settings_are_clear_errors(name, C, params, match):
     with pytest.raises(ValueError, match=match):
@@ -417,7 +460,8 @@ def range_ends(name, L, C):
     grid = offline.default_grid(name, L, C)
     values = {"entropy": [dict(S=0.0), dict(S=math.log(C))], "pcee": [dict(tau=0.0), dict(tau=1.0)],
               "pcee[maxprob]": [dict(tau=1.0 / C), dict(tau=1.0)],
-              "maxprob": [dict(t=1.0 / C), dict(t=1.0)], "pabee": [{} if C > 1 else dict(delta=0.0)], "static": [dict(k=1), dict(k=L)]}[name]
+              "maxprob": [dict(t=1.0 / C), dict(t=1.0)], "pabee": [{} if C > 1 else dict(delta=0.0)], "static": [dict(k=1), dict(k=L)],
+              "margin": [dict(margin=0.0), dict(margin=1.0)]}[name]
     ends = [grid[0], grid[-1]] + [dict(v, patience=p) if name.startswith(("pcee", "pabee")) else v
                                   for v in values for p in (1, 2, L)]
     return [make_policy(name, L, C, **params) for params in ends]
@@ -443,7 +487,7 @@ def device_exits_in_chunks(policy, logits, rows):
 
 
 @pytest.mark.parametrize("C", [2, 3])
-@pytest.mark.parametrize("name", ["entropy", "pcee", "maxprob", "pabee", "static", "pcee[maxprob]"])
+@pytest.mark.parametrize("name", ["entropy", "pcee", "maxprob", "pabee", "static", "pcee[maxprob]", "margin"])
 def test_range_ends_give_identical_exits_on_host_device_and_offline(name, C):
     from jaxexit.exits import offline
 
@@ -459,17 +503,19 @@ def test_range_ends_give_identical_exits_on_host_device_and_offline(name, C):
 @pytest.mark.parametrize("C", [2, 3])
 def test_range_ends_mean_what_exact_arithmetic_says(C):
     """At S = ln C, tau = 1 and t = 1 / C every row exits at layer 1 unless its logits are exactly
-    uniform there (rows 0-79 here); at S = 0, tau = 0 and t = 1 nobody exits."""
+    uniform there (rows 0-79 here; margin = 0: unless its top two logits tie, as every uniform row's
+    do); at S = 0, tau = 0, t = 1 and margin = 1 nobody exits."""
     z = near_uniform_logits(C=C)
     uniform_at_1 = np.zeros(z.shape[1], bool)
     uniform_at_1[:80] = True  # rows 40-79 are uniform at layers 1, 3, 5
     for name, params in [("entropy", dict(S=math.log(C))), ("pcee", dict(patience=1, tau=1.0)),
-                         ("maxprob", dict(t=1.0 / C))]:
+                         ("maxprob", dict(t=1.0 / C)), ("margin", dict(margin=0.0))]:
         exit_layer, _ = P.simulate(make_policy(name, 6, C, **params), z)
         np.testing.assert_array_equal(exit_layer[~uniform_at_1], 1)
         np.testing.assert_array_equal(exit_layer[:40], 6)  # uniform everywhere: never confident
         np.testing.assert_array_equal(exit_layer[40:80], 2)  # confident at layer 2, not uniform there
-    for name, params in [("entropy", dict(S=0.0)), ("pcee", dict(patience=1, tau=0.0)), ("maxprob", dict(t=1.0))]:
+    for name, params in [("entropy", dict(S=0.0)), ("pcee", dict(patience=1, tau=0.0)), ("maxprob", dict(t=1.0)),
+                         ("margin", dict(margin=1.0))]:
         assert (P.simulate(make_policy(name, 6, C, **params), z)[0] == 6).all()
 
 
@@ -482,10 +528,13 @@ def test_uniform_rows_sit_exactly_on_the_range_end_and_others_strictly_inside(xp
     rows[1, 0] = np.nextafter(np.float32(0.5), np.float32(1.0))  # one ulp from uniform (not a denormal:
     #                                                                XLA flushes those to zero)
     rows[2] = np.random.default_rng(C).normal(size=C) * 1e-7
-    h, c, m = (np.asarray(f(xp.asarray(rows), xp)) for f in (P.entropy, P.normalized_entropy, P.max_prob))
-    assert h.dtype == c.dtype == m.dtype == np.float64
-    assert (h[0], c[0], m[0]) == (math.log(C), 1.0, 1.0 / C)
-    assert (h[1:] < math.log(C)).all() and (c[1:] < 1.0).all() and (m[1:] > 1.0 / C).all()
+    measures = (P.entropy, P.normalized_entropy, P.max_prob, P.top2_margin)
+    h, c, m, g = (np.asarray(f(xp.asarray(rows), xp)) for f in measures)
+    assert h.dtype == c.dtype == m.dtype == g.dtype == np.float64
+    assert (h[0], c[0], m[0], g[0]) == (math.log(C), 1.0, 1.0 / C, 0.0)
+    assert (h[1:] < math.log(C)).all() and (c[1:] < 1.0).all() and (m[1:] > 1.0 / C).all() and (g[1:] > 0).all()
+    rows[2, :2] = rows[2].max()  # the top two tie: margin exactly 0 (exact arithmetic), uniform or not
+    assert np.asarray(P.top2_margin(xp.asarray(rows), xp))[2] == 0.0
 
 
 def test_thresholds_reach_the_device_at_float64():

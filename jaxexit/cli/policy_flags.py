@@ -1,24 +1,34 @@
 """The exit-policy flags shared by `jaxexit-infer` and `jaxexit-serve`: `--policy`, `--confidence`,
-`--ensemble` and each policy parameter, and the policy they name."""
+`--ensemble` and each policy parameter, and the policy they name. The parameter flags, and which
+policy they name without `--policy`, come from the policy registry (`jaxexit.exits.registry`)."""
 
 from __future__ import annotations
 
-from jaxexit.exits import policies
+from jaxexit.exits import policies, registry
 
+
+def _param_flags() -> dict[str, tuple[tuple[str, ...], type, str]]:
+    """Parameter name -> (flags, type, help) over every registry entry: one flag per name, its
+    help joined over the policies that take it ("pcee: ...; pabee: ...")."""
+    flags, kind, helps = {}, {}, {}
+    for spec in registry.REGISTRY.values():
+        for p in spec.params:
+            names = flags.setdefault(p.name, [])
+            names += [f for f in p.cli_flags if f not in names]
+            kind[p.name] = p.kind
+            helps.setdefault(p.name, []).append(f"{spec.name}: {p.help}")
+    return {k: (tuple(flags[k]), kind[k], "; ".join(helps[k])) for k in flags}
+
+
+PARAM_FLAGS = tuple(_param_flags())  # the policy parameter flags' dests (policies.PARAM_NAMES)
 
 # Which policy the given flags name when --policy is absent: (policy, flags that name it, flags it
-# also takes). First match wins: --tau means PCEE (patience 1, DeeBERT's rule on normalised
-# entropy, unless --patience is given); --patience alone (or with --delta) means PABEE.
-_IMPLIED = (
-    ("pcee", {"tau"}, {"patience"}),
-    ("pabee", {"patience", "delta"}, set()),
-    ("entropy", {"S"}, set()),
-    ("maxprob", {"t"}, set()),
-    ("static", {"k"}, set()),
-)
-
-
-PARAM_FLAGS = ("patience", "tau", "S", "t", "delta", "k")  # infer/run.py's policy parameter flags
+# also takes), from each entry's `implied_by` / `implied_with`. The entries' `implied_by` sets are
+# disjoint, so at most one matches: --tau means PCEE (patience 1, DeeBERT's rule on normalised
+# entropy, unless --patience is given); --patience alone (or with --delta) means PABEE; --S
+# entropy, --t maxprob, --k static, --margin margin.
+_IMPLIED = tuple((s.name, set(s.implied_by), set(s.implied_with))
+                 for s in registry.REGISTRY.values() if s.implied_by)
 
 
 def add_policy_flags(p) -> None:
@@ -30,13 +40,8 @@ def add_policy_flags(p) -> None:
                         "(PCEE-BERT-v1: max p > tau) or learned (PCEE-BERT-v2: the LTE's predicted error < tau)")
     p.add_argument("--ensemble", action="store_true",
                    help="cross-layer ensemble: predict from the mean of ramps 1..m's probabilities (exits unchanged)")
-    p.add_argument("--patience", type=int, help="pcee, pabee")
-    p.add_argument("--tau", type=float, help="pcee: normalised-entropy threshold in [0, 1]")
-    p.add_argument("--S", "--entropy", dest="S", type=float, help="entropy: threshold in nats (DeeBERT)")
-    p.add_argument("--t", "--max-prob", dest="t", type=float,
-                   help="maxprob: probability threshold; berxit: predicted-error threshold (both in [0, 1])")
-    p.add_argument("--delta", type=float, help="pabee on regression: agreement tolerance")
-    p.add_argument("--k", type=int, help="static: exit layer")
+    for dest, (flags, kind, text) in _param_flags().items():
+        p.add_argument(*flags, dest=dest, type=kind, help=text)
 
 
 def policy_name(name: str | None, params: dict) -> str:
@@ -60,10 +65,10 @@ def policy_label(name: str | None, params: dict, confidence: str | None = None, 
 
 def policy_from_args(name: str | None, params: dict, num_layers: int, num_labels: int,
                      confidence: str | None = None, ensemble: bool = False) -> policies.Policy:
-    """The policy `--policy` names, or the one its parameter flags imply (see `_IMPLIED`), with
-    `--confidence` and `--ensemble`."""
+    """The policy `--policy` names, or the one its parameter flags imply (see `_IMPLIED`, with the
+    entry's `implied_defaults`: pcee's patience 1), with `--confidence` and `--ensemble`."""
     given = {k: v for k, v in params.items() if v is not None}
     label = policy_label(name, given, confidence, ensemble)
-    if name is None and label.startswith("pcee"):
-        given.setdefault("patience", 1)
+    if name is None:
+        given = {**registry.get(policies.parse_label(label)[0]).implied_defaults, **given}
     return policies.make_policy(label, num_layers, num_labels, **given)

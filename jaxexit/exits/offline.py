@@ -5,8 +5,8 @@ evaluated exactly: exit layers, predictions, efficiency (docs/policies.md's name
 `saving`, `speedup`), exit-layer histogram and task score; and a parameter is calibrated on one
 split and reported on another.
 
-Grids are evaluated in closed form: each ramp's confidence is computed once per policy, then for
-every setting the first layer whose condition holds (patience through run lengths of the
+Grids are evaluated in closed form from each policy's registry entry: its `measure` once per ramp,
+then for every setting the first layer where its `fires` holds (patience through run lengths of the
 per-layer condition). Tests pin this equal to stepping `policies.step` layer by layer.
 
 Scores come from a caller's `metric(predictions, labels) -> float`, higher is better (accuracy,
@@ -24,12 +24,11 @@ either, and the learned policies (berxit, pcee[learned]) need the second.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from jaxexit.exits import policies
+from jaxexit.exits import policies, registry
 from jaxexit.exits.types import RampOutputs
 from jaxexit.exits.policies import Policy
 
@@ -114,57 +113,7 @@ def _layer_measure(policy: Policy, logits: np.ndarray, lte: np.ndarray | None):
     """What a policy thresholds, for every ramp and row: `[L, N]` (None for static)."""
     if policy.needs_lte and lte is None:
         raise ValueError(policies.NEEDS_LTE.format(policy=policy.label))
-    if policy.name == "pcee":
-        return policies.pcee_confidence(policy)[0](lte if policy.needs_lte else logits)
-    if policy.name == "berxit":
-        return policies.predicted_error(lte)
-    return {
-        "entropy": policies.entropy,
-        "pcee": policies.normalized_entropy,
-        "maxprob": policies.max_prob,
-        "pabee": policies.prediction,
-        "static": lambda _: None,
-    }[policy.name](logits)
-
-
-def _run_length(ok: np.ndarray) -> np.ndarray:
-    """Consecutive True values ending at each layer along axis 0 of `[L, G, N]`: the counter k_i."""
-    run = np.zeros(ok.shape, np.int32)
-    run[0] = ok[0]
-    for i in range(1, len(ok)):
-        run[i] = ok[i] * (run[i - 1] + 1)
-    return run
-
-
-def _fires(name: str, measure, block: Sequence[Policy], shape: tuple[int, int]) -> np.ndarray:
-    """Whether each setting's exit condition holds at each layer: bool `[L, G, N]`.
-
-    Layer-major, so that per-layer slices are contiguous.
-    """
-    G, (L, N) = len(block), shape
-
-    def col(key):
-        return np.asarray([p[key] for p in block])[None, :, None]
-
-    if name == "entropy":
-        return measure[:, None] < col("S")
-    if name == "maxprob":
-        return measure[:, None] > col("t")
-    if name == "berxit":
-        return measure[:, None] < col("t")
-    if name == "pcee":
-        above = policies.pcee_confidence(block[0])[1]
-        confident = measure[:, None] > col("tau") if above else measure[:, None] < col("tau")
-        return _run_length(confident) >= col("patience")
-    if name == "pabee":
-        if block[0].num_labels == 1:
-            agree = np.abs(measure[1:] - measure[:-1])[:, None] < col("delta")
-        else:
-            agree = np.broadcast_to((measure[1:] == measure[:-1])[:, None], (L - 1, G, N))
-        agree = np.concatenate([np.zeros((1, G, N), bool), agree])  # layer 1: nothing to agree with
-        return _run_length(agree) >= col("patience")
-    layers = np.arange(1, L + 1)[:, None, None]
-    return np.broadcast_to(layers >= col("k"), (L, G, N))
+    return registry.get(policy.name).measure(policy, logits, lte)
 
 
 def _first_exit(fires: np.ndarray) -> np.ndarray:
@@ -191,7 +140,7 @@ def _blocks(settings: Sequence[Policy], logits: np.ndarray, lte: np.ndarray | No
         for start in range(0, len(group), size):
             positions = group[start:start + size]
             block = [settings[i] for i in positions]
-            yield positions, _first_exit(_fires(name, measure, block, (L, N)))
+            yield positions, _first_exit(registry.get(name).fires(block, measure, L, N))
 
 
 def exit_layers(settings: Policy | Sequence[Policy], outputs) -> np.ndarray:
@@ -251,40 +200,21 @@ def default_grid(label: str, num_layers: int, num_labels: int) -> list[dict]:
 
     Threshold grids are spaced quadratically, denser where fine-tuned ramps' confidences sit
     (entropy near 0, max probability near 1); each includes the setting that reproduces the full
-    model (S = 0, tau = 0, t = 1, pabee patience = L, static k = L; pcee[maxprob]: tau = 1).
+    model (S = 0, tau = 0, t = 1, margin = 1, pabee patience = L, static k = L; pcee[maxprob]:
+    tau = 1).
     The ensemble option does not change a grid.
     """
-    L, C = num_layers, num_labels
     name, confidence, _ = policies.parse_label(label)
-    q = np.linspace(0.0, 1.0, 201) ** 2
-    if name in policies.SOFTMAX_POLICIES and C == 1:
+    spec = registry.get(name)
+    if spec.softmax and num_labels == 1:
         raise ValueError(f"policy {name!r} does not apply to regression (num_labels=1)")
-    if name == "berxit":  # exit when the predicted error u < t: dense near 0, from t = 0 (never) up to 1
-        return [{"t": float(x)} for x in q]
-    if name == "pcee" and confidence == "maxprob":  # confident when max p > tau: tau from 1 down to 1 / C
-        taus = 1.0 - np.linspace(0.0, 1.0, 41) ** 2 * (1.0 - 1.0 / C)
-        taus[-1] = 1.0 / C
-        return [{"patience": p, "tau": float(tau)} for p in range(1, max(L, 2)) for tau in taus]
-    if name == "entropy":
-        return [{"S": float(x * math.log(C))} for x in q]
-    if name == "maxprob":  # from 1 / C (exactly: the range's end) up to 1
-        return [{"t": 1.0 / C if x == 1.0 else float(1.0 - x * (1.0 - 1.0 / C))} for x in q[::-1]]
-    if name == "pcee":
-        taus = np.linspace(0.0, 1.0, 41) ** 2
-        return [{"patience": p, "tau": float(tau)} for p in range(1, max(L, 2)) for tau in taus]
-    if name == "pabee":
-        if C == 1:  # regression: agreement within delta (label units, e.g. STS-B's 0..5)
-            return [{"patience": p, "delta": d} for p in range(1, L + 1) for d in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)]
-        return [{"patience": p} for p in range(1, L + 1)]
-    if name == "static":
-        return [{"k": k} for k in range(1, L + 1)]
-    raise ValueError(f"unknown exit policy {name!r}; choose one of {policies.POLICIES}")
+    return spec.grid(num_layers, num_labels, confidence)
 
 
 def applicable(num_labels: int, lte: bool = False) -> tuple[str, ...]:
     """Policies that apply to a task with `num_labels` outputs (berxit: with a learning-to-exit module)."""
-    return tuple(n for n in policies.POLICIES if (num_labels > 1 or n not in policies.SOFTMAX_POLICIES)
-                 and (lte or n != "berxit"))
+    return tuple(n for n, spec in registry.REGISTRY.items()
+                 if (num_labels > 1 or not spec.softmax) and (lte or not spec.needs_lte))
 
 
 def sweep(outputs, labels=None, metric: Metric | None = None,
@@ -327,7 +257,11 @@ def calibration_grid(name: str, num_layers: int, num_labels: int, fixed: Mapping
     value, or nothing left to search."""
     fixed = dict(fixed or {})
     grid = default_grid(name, num_layers, num_labels)  # refuses unknown policies and regression first
-    names = policies.param_names(policies.parse_label(name)[0], num_labels)
+    base, confidence, _ = policies.parse_label(name)
+    spec = registry.get(base)
+    if spec.calibration_grid is not None:
+        grid = spec.calibration_grid(num_layers, num_labels, confidence)
+    names = policies.param_names(base, num_labels)
     wrong = sorted(set(fixed) - set(names))
     if wrong:
         raise ValueError(f"policy {name!r} takes {', '.join(names)}; {', '.join(wrong)} cannot apply to it")

@@ -1,13 +1,14 @@
 """Exit policies: one small state machine per policy, stepped once per layer on that layer's ramp.
 
-`step(policy, state, logits, layer, xp)` is the only definition of each policy. It runs
+`step(policy, state, logits, layer, xp)` runs each policy's entry in `registry` (its only
+definition), on
 
-* live on the host (`xp=numpy`) on whichever rows are still in the batch; `take_rows` keeps the
-  state in step with the rows the runner keeps;
-* on the device (`xp=jax.numpy`) inside `jit` / `lax.scan` / `lax.while_loop` (`scan_exits`); a
+* the host (`xp=numpy`) on whichever rows are still in the batch; `take_rows` keeps the state in
+  step with the rows the runner keeps;
+* the device (`xp=jax.numpy`) inside `jit` / `lax.scan` / `lax.while_loop` (`scan_exits`); a
   `Policy` is a pytree whose thresholds are leaves, so changing them does not recompile;
-* offline over cached logits `[L, N, C]` (`simulate`); `jaxexit.exits.offline` evaluates parameter
-  grids in closed form and is tested equal to stepping this.
+* cached logits `[L, N, C]` (`simulate`); `jaxexit.exits.offline` evaluates parameter grids in
+  closed form (each entry's `measure` and `fires`) and is tested equal to stepping this.
 
 Layers are 1-based (`layer = 1..L`). `step` returns the rows whose exit condition holds at this
 layer; no exit fires at layer `L` (an input that never exits uses ramp `L`). The caller keeps the
@@ -15,9 +16,9 @@ first layer at which a row exits (`first_exit`).
 
 Every measure a policy thresholds is computed in float64 in every mode (on the device inside
 `jax.enable_x64`), thresholds included, and the ends of each range are exact; see "per-ramp
-measures" below.
+measures" in measures.py.
 
-Policies (docs/policies.md), with `p = softmax(z)`, `C` classes:
+Policies (docs/policies.md; each entry in registry.py), with `p = softmax(z)`, `C` classes:
   entropy(S)            exit when H(p) < S (nats)                              DeeBERT, BranchyNet
   pcee(patience, tau)   k = k + 1 if H(p) / ln C < tau else 0; exit at k = patience   PCEE-BERT
   maxprob(t)            exit when max p > t                                    Shallow-Deep
@@ -25,6 +26,7 @@ Policies (docs/policies.md), with `p = softmax(z)`, `C` classes:
                         |z - previous z| < delta); exit at k = patience        PABEE
   static(k)             everyone exits at layer k                              budgeted exit
   berxit(t)             exit when the LTE's predicted error u < t              BERxiT (needs an LTE)
+  margin(margin)        exit when p_(1) - p_(2) > margin (top-2 probability gap)
 
 Two options (PCEE-BERT section 4.6), written into a policy's label, which is what names a policy
 everywhere (result rows, grids, calibration, `make_policy`):
@@ -42,7 +44,6 @@ A ramp's output is its logits `[B, C]`, or on a model with a learning-to-exit mo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import numbers
@@ -54,12 +55,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxexit.exits import registry
+from jaxexit.exits.measures import (  # noqa: F401  (the public names of the measures)
+    ensemble_term, entropy, from_bits_host, log_softmax, max_prob, normalized_entropy, predicted_error,
+    prediction, split_outputs, threshold, to_bits)
+from jaxexit.exits.registry import CONFIDENCES, pcee_confidence, top2_margin  # noqa: F401
 from jaxexit.exits.types import RampOutputs
 
-POLICIES = ("entropy", "pcee", "maxprob", "pabee", "static", "berxit")
+POLICIES = tuple(registry.REGISTRY)
 # Policies that threshold a softmax confidence: degenerate for one output (regression).
-SOFTMAX_POLICIES = ("entropy", "pcee", "maxprob")
-CONFIDENCES = ("entropy", "maxprob", "learned")  # pcee's confidence test: PCEE-BERT, -v1, -v2
+SOFTMAX_POLICIES = tuple(n for n, s in registry.REGISTRY.items() if s.softmax)
+# Every parameter name, and the thresholds among them (the others are integers: patience, k).
+PARAM_NAMES = tuple(dict.fromkeys(p.name for s in registry.REGISTRY.values() for p in s.params))
+FLOAT_PARAMS = tuple(dict.fromkeys(p.name for s in registry.REGISTRY.values() for p in s.params if p.kind is float))
 _LABEL = re.compile(r"^(?P<name>[a-z]+)(?:\[(?P<confidence>[a-z]+)\])?(?P<ensemble>\+ensemble)?$")
 
 State = dict  # name -> per-row array [B]; empty for stateless policies
@@ -67,9 +75,7 @@ State = dict  # name -> per-row array [B]; empty for stateless policies
 
 def param_names(name: str, num_labels: int) -> tuple[str, ...]:
     """The parameters policy `name` takes (pabee's `delta` only for regression)."""
-    if name == "pabee":
-        return ("patience", "delta") if num_labels == 1 else ("patience",)
-    return {"entropy": ("S",), "pcee": ("patience", "tau"), "maxprob": ("t",), "static": ("k",), "berxit": ("t",)}[name]
+    return tuple(p.name for p in registry.get(name).params if num_labels == 1 or not p.regression_only)
 
 
 # ---- the policy value ---------------------------------------------------------------------------
@@ -92,8 +98,10 @@ class Policy:
     def __post_init__(self):
         if self.confidence not in CONFIDENCES:
             raise ValueError(f"confidence must be one of {CONFIDENCES}, got {self.confidence!r}")
-        if self.confidence != "entropy" and self.name != "pcee":
-            raise ValueError(f"confidence applies to pcee only, not to {self.name!r}")
+        spec = registry.REGISTRY.get(self.name)
+        if self.confidence != "entropy" and not (spec and spec.confidence):
+            takes = ", ".join(n for n, s in registry.REGISTRY.items() if s.confidence)
+            raise ValueError(f"confidence applies to {takes} only, not to {self.name!r}")
         if not isinstance(self.ensemble, bool):
             raise ValueError(f"ensemble must be True or False, got {self.ensemble!r}")
         checked = _validate(self.name, self.num_layers, self.num_labels, dict(self.params), self.confidence)
@@ -102,7 +110,7 @@ class Policy:
     @property
     def needs_lte(self) -> bool:
         """Whether the policy reads the learning-to-exit module's output (berxit, pcee[learned])."""
-        return self.name == "berxit" or self.confidence == "learned"
+        return registry.get(self.name).needs_lte or self.confidence == "learned"
 
     @property
     def label(self) -> str:
@@ -144,14 +152,10 @@ def make_policy(label: str, num_layers: int, num_labels: int, **params) -> Polic
     return Policy(name, num_layers, num_labels, tuple(params.items()), confidence, ensemble)
 
 
-FLOAT_PARAMS = ("S", "tau", "t", "delta")  # thresholds; the others are integers (patience, k)
-
-
 def _flatten(p: Policy):
-    # Thresholds travel as the two 32-bit halves of their float64 bit pattern: outside x64, jit
-    # would turn a float leaf into float32, and `threshold` could not compare at float64.
+    # Thresholds travel as the two 32-bit halves of their float64 bit pattern (measures.to_bits).
     keys = tuple(k for k, _ in p.params)
-    leaves = [_to_bits(v) if k in FLOAT_PARAMS else v for k, v in p.params]
+    leaves = [to_bits(v) if k in FLOAT_PARAMS else v for k, v in p.params]
     return leaves, (p.name, p.num_layers, p.num_labels, keys, p.confidence, p.ensemble)
 
 
@@ -159,7 +163,7 @@ def _unflatten(aux, leaves) -> Policy:
     # Bypasses validation: under jit the leaves are tracers (or jax's placeholders); concrete bit
     # patterns (a tree_map over a Policy) turn back into floats.
     name, num_layers, num_labels, keys, confidence, ensemble = aux
-    values = [_from_bits_host(v) if k in FLOAT_PARAMS else v for k, v in zip(keys, leaves)]
+    values = [from_bits_host(v) if k in FLOAT_PARAMS else v for k, v in zip(keys, leaves)]
     p = object.__new__(Policy)
     for field, value in (("name", name), ("num_layers", num_layers), ("num_labels", num_labels),
                          ("params", tuple(zip(keys, values))), ("confidence", confidence), ("ensemble", ensemble)):
@@ -167,41 +171,15 @@ def _unflatten(aux, leaves) -> Policy:
     return p
 
 
-def _to_bits(value) -> np.ndarray:
-    if isinstance(value, (np.ndarray, jax.Array)) or not isinstance(value, numbers.Real):
-        return value  # already bits (or a placeholder object of jax's)
-    bits = int(np.float64(value).view(np.uint64))
-    return np.array([bits >> 32, bits & 0xFFFFFFFF], np.uint32)
-
-
-def _from_bits_host(leaf):
-    if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "shape") or np.shape(leaf) != (2,):
-        return leaf
-    hi, lo = (int(x) for x in np.asarray(leaf, np.uint64))
-    return float(np.uint64((hi << 32) | lo).view(np.float64))
-
-
-def threshold(policy: Policy, key: str, xp=np):
-    """Float parameter `key` at float64: a Python float on the host; on the device (inside
-    `jax.enable_x64`, as `step` runs) a float64 scalar, decoded from its bit pattern when the
-    policy was passed through `jit` as an argument."""
-    value = policy[key]
-    if xp is np or isinstance(value, numbers.Real):
-        return value if xp is np else jnp.float64(value)
-    bits = jnp.asarray(value).astype(jnp.uint64)
-    return lax.bitcast_convert_type((bits[0] << 32) | bits[1], jnp.float64)
-
-
 jax.tree_util.register_pytree_node(Policy, _flatten, _unflatten)
 
 
 def _validate(name: str, num_layers: int, num_labels: int, params: Mapping[str, Any],
               confidence: str = "entropy") -> dict:
-    if name not in POLICIES:
-        raise ValueError(f"unknown exit policy {name!r}; choose one of {POLICIES}")
+    spec = registry.get(name)
     L = _integer("num_layers", num_layers, low=1)
     C = _integer("num_labels", num_labels, low=1)
-    if C == 1 and name in SOFTMAX_POLICIES and confidence != "learned":
+    if C == 1 and spec.softmax and confidence != "learned":
         raise ValueError(
             f"policy {name!r} thresholds softmax confidence, which is constant for a regression "
             f"task (num_labels=1); use 'pabee' (with delta) or 'static'"
@@ -210,15 +188,17 @@ def _validate(name: str, num_layers: int, num_labels: int, params: Mapping[str, 
     if set(params) != set(expected):
         extra = sorted(set(params) - set(expected))
         missing = sorted(set(expected) - set(params))
-        hint = " (delta applies to regression only)" if "delta" in extra else ""
+        only = [k for k in extra if (spec.param(k) or registry.Param(k, float, 0)).regression_only]
+        hint = f" ({only[0]} applies to regression only)" if only else ""
         raise ValueError(f"policy {name!r} takes parameters {expected}; missing {missing}, unexpected {extra}{hint}")
     out = {}
     for key, value in params.items():
-        if key in ("patience", "k"):
-            out[key] = _integer(key, value, low=1, high=L if key == "k" else None)
+        p = spec.param(key)
+        high = L if p.high == "L" else p.high
+        if p.kind is int:
+            out[key] = _integer(key, value, low=p.low, high=high)
         else:
-            high = 1.0 if key in ("tau", "t") else math.inf  # berxit's t bounds a predicted error in [0, 1]
-            out[key] = _real(key, value, low=0.0, high=high)
+            out[key] = _real(key, value, low=p.low, high=math.inf if high is None else high)
     return out
 
 
@@ -240,170 +220,16 @@ def _real(key: str, value, low: float, high: float) -> float:
     return value
 
 
-# ---- per-ramp measures (shared by step and the offline closed form) ------------------------------
-# docs/policies.md: every measure a policy thresholds is computed at one precision in every mode, so that
-# a threshold at the edge of its range gives the same exits on host, device and offline. That
-# precision is float64: in float32 a near-uniform ramp output (logits ~1e-3 apart) has a
-# normalised entropy within an ulp of 1.0, and XLA's and numpy's float32 exp/log, or XLA's at two
-# batch shapes, round it to either side of tau = 1. On the device the measures run inside
-# `jax.enable_x64` (a few [B, C] operations per layer); float64 logits differences of ~1e-3 put
-# them ~1e9 ulps from the ends of the range.
-# The ends themselves are exact: a uniform row (all logits equal) has H = ln C, H / ln C = 1 and
-# max p = 1 / C exactly, and every other row lies strictly inside (H < ln C, H / ln C < 1,
-# max p > 1 / C), as it does in exact arithmetic, so rounding cannot decide S = ln C, tau = 1 or
-# t = 1 / C differently in two modes. (H >= 0 and max p <= 1 hold by construction.)
-def _x64(xp):
-    return jax.enable_x64(True) if xp is not np else contextlib.nullcontext()
-
-
-def _float64(logits, xp):
-    return xp.asarray(logits).astype(xp.float64)
-
-
-def _uniform(logits, xp):
-    z = xp.asarray(logits)
-    return xp.max(z, axis=-1) == xp.min(z, axis=-1)
-
-
-def _pin(value, logits, xp, at: float, inside: float):
-    """`at` for uniform rows; every other row's value clipped to `inside` (one ulp within `at`)."""
-    clip = xp.minimum if inside < at else xp.maximum
-    return xp.where(_uniform(logits, xp), at, clip(value, inside))
-
-
-def log_softmax(logits, xp=np):
-    """Stable log-softmax over the last axis in float64: finite for huge logits, -inf only where p = 0.
-
-    A row needs one finite logit; +inf or all -inf give NaN, which passes no threshold.
-    """
-    with _x64(xp):
-        z = _float64(logits, xp)
-        s = z - xp.max(z, axis=-1, keepdims=True)
-        return s - xp.log(xp.sum(xp.exp(s), axis=-1, keepdims=True))
-
-
-def entropy(logits, xp=np):
-    """H(softmax(z)) in nats over the last axis, float64; 0 * log 0 counts as 0 (no NaN)."""
-    with _x64(xp):
-        logp = log_softmax(logits, xp)
-        p = xp.exp(logp)
-        h = -xp.sum(p * xp.where(p > 0, logp, 0.0), axis=-1)
-        top = math.log(logits.shape[-1])
-        return _pin(h, logits, xp, top, math.nextafter(top, 0.0))
-
-
-def normalized_entropy(logits, xp=np):
-    """H / ln C, in [0, 1] (PCEE's confidence measure), float64."""
-    with _x64(xp):
-        c = entropy(logits, xp) / math.log(logits.shape[-1])
-        return _pin(c, logits, xp, 1.0, math.nextafter(1.0, 0.0))
-
-
-def max_prob(logits, xp=np):
-    """max softmax(z) over the last axis, float64, in [1 / C, 1]."""
-    with _x64(xp):
-        m = xp.exp(xp.max(log_softmax(logits, xp), axis=-1))
-        low = 1.0 / logits.shape[-1]
-        return _pin(m, logits, xp, low, math.nextafter(low, 1.0))
-
-
-def predicted_error(lte, xp=np):
-    """The LTE's predicted error u = sigmoid(lte output) in float64, strictly inside (0, 1), so that
-    t (or tau) = 0 never fires and 1 always does, in every mode."""
-    with _x64(xp):
-        a = xp.asarray(lte).astype(xp.float64)
-        e = xp.exp(-xp.abs(a))  # no overflow for large |a|
-        u = xp.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-        return xp.clip(u, math.nextafter(0.0, 1.0), math.nextafter(1.0, 0.0))
-
-
-def split_outputs(outputs):
-    """`(logits, lte or None)` of a ramp output (logits alone, or `RampOutputs`)."""
-    if isinstance(outputs, RampOutputs):
-        return outputs.logits, outputs.lte
-    return outputs, None
-
-
-def prediction(logits, xp=np):
-    """A ramp's prediction: argmax (int32) for classification, the scalar for regression (C = 1;
-    float64 on the host, the logits' own dtype on the device)."""
-    if logits.shape[-1] == 1:
-        return _float64(logits, xp)[..., 0] if xp is np else logits[..., 0]
-    return xp.argmax(logits, axis=-1).astype(xp.int32)
-
-
 # ---- the state machines --------------------------------------------------------------------------
 def init_state(policy: Policy, batch_size: int, xp=np) -> State:
     """The state before layer 1 for `batch_size` rows."""
-    zeros = xp.zeros(batch_size, xp.int32)
     state = {"ens": xp.zeros((batch_size, policy.num_labels), xp.float32)} if policy.ensemble else {}
-    if policy.name == "pcee":
-        return {**state, "count": zeros}
-    if policy.name == "pabee":
-        prev = zeros if policy.num_labels > 1 else prediction(xp.zeros((batch_size, 1), xp.float32), xp)
-        return {**state, "count": zeros, "prev": prev}
-    return state
+    return {**state, **registry.get(policy.name).init(policy, batch_size, xp)}
 
 
 def take_rows(state: State, rows) -> State:
     """The state of the rows `rows` (indices or a boolean mask), for a runner that drops rows."""
     return {k: v[rows] for k, v in state.items()}
-
-
-def _holds(measure, z, above: bool, policy, key, xp):
-    """`measure(z) > threshold` (above) or `< threshold`, both at float64 in every mode. On the
-    device only this runs under `jax.enable_x64`: operations whose lowering reads the x64 flag
-    (argmax's index type) stay outside, since the enclosing jit lowers after the context ends."""
-    with _x64(xp):
-        value, limit = measure(z, xp), threshold(policy, key, xp)
-        return value > limit if above else value < limit
-
-
-def _entropy(policy, state, z, lte, layer, xp):
-    return state, _holds(entropy, z, False, policy, "S", xp)
-
-
-def _maxprob(policy, state, z, lte, layer, xp):
-    return state, _holds(max_prob, z, True, policy, "t", xp)
-
-
-def pcee_confidence(policy: Policy):
-    """pcee's per-layer test, `(measure, above)`: a layer is confident when `measure > tau` (above)
-    or `measure < tau`; the measure reads the logits, or the LTE's output for `learned`
-    (`policy.needs_lte`). PCEE-BERT, -v1, -v2."""
-    return {"entropy": (normalized_entropy, False), "maxprob": (max_prob, True),
-            "learned": (predicted_error, False)}[policy.confidence]
-
-
-def _pcee(policy, state, z, lte, layer, xp):
-    measure, above = pcee_confidence(policy)
-    confident = _holds(measure, lte if policy.needs_lte else z, above, policy, "tau", xp)
-    count = xp.where(confident, state["count"] + 1, 0)
-    return {"count": count}, count >= policy["patience"]  # first True is at count == patience
-
-
-def _pabee(policy, state, z, lte, layer, xp):
-    pred = prediction(z, xp)
-    if policy.num_labels == 1:
-        # float64 difference of two float32 outputs: exact, the same in every mode
-        gap = lambda prev, xp: xp.abs(_float64(pred, xp) - _float64(prev, xp))  # noqa: E731
-        agree = _holds(gap, state["prev"], False, policy, "delta", xp)
-    else:
-        agree = pred == state["prev"]
-    count = xp.where(agree & (layer > 1), state["count"] + 1, 0)  # layer 1 has nothing to agree with
-    return {"count": count, "prev": pred}, count >= policy["patience"]
-
-
-def _static(policy, state, z, lte, layer, xp):
-    return state, xp.zeros(z.shape[0], bool) | (layer >= policy["k"])
-
-
-def _berxit(policy, state, z, lte, layer, xp):
-    return state, _holds(predicted_error, lte, False, policy, "t", xp)
-
-
-_STEPS = {"entropy": _entropy, "pcee": _pcee, "maxprob": _maxprob, "pabee": _pabee, "static": _static,
-          "berxit": _berxit}
 
 
 def step(policy: Policy, state: State, outputs, layer, xp=np) -> tuple[State, Any]:
@@ -421,19 +247,10 @@ def step(policy: Policy, state: State, outputs, layer, xp=np) -> tuple[State, An
         raise ValueError(f"layer must be in 1..{policy.num_layers}, got {layer}")
     if policy.needs_lte and lte is None:
         raise ValueError(NEEDS_LTE.format(policy=policy.label))
-    new, exits = _STEPS[policy.name](policy, state, logits, lte, layer, xp)
+    new, exits = registry.get(policy.name).step(policy, state, logits, lte, layer, xp)
     if policy.ensemble:
         new = {**new, "ens": state["ens"] + ensemble_term(logits, xp)}
     return new, exits & (layer < policy.num_layers)
-
-
-def ensemble_term(logits, xp=np):
-    """What one ramp adds to the ensemble sum: its probabilities (float64, rounded once to
-    float32, so that every mode adds the same numbers), or its output for regression."""
-    if logits.shape[-1] == 1:
-        return xp.asarray(logits).astype(xp.float32)
-    with _x64(xp):
-        return xp.exp(log_softmax(logits, xp)).astype(xp.float32)
 
 
 NEEDS_LTE = ("policy {policy} reads a learning-to-exit module, which this model does not have; train one "
@@ -454,14 +271,7 @@ def earliest_exit(policy: Policy) -> int:
     `patience` confident layers in a row, pabee `patience` agreements, the first at layer 2; static
     exits at `k`; the others can exit at layer 1. The pipelined latency runner runs the layers
     before it in one call, since no decision can be taken there."""
-    if policy.name == "pcee":
-        first = policy["patience"]
-    elif policy.name == "pabee":
-        first = policy["patience"] + 1
-    elif policy.name == "static":
-        first = policy["k"]
-    else:
-        first = 1
+    first = registry.get(policy.name).earliest(policy)
     return min(int(first), policy.num_layers)
 
 
