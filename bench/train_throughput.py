@@ -18,10 +18,11 @@ import numpy as np
 
 from jaxexit.text import batches, glue, steps
 from jaxexit.training import optim
+from jaxexit.training.stages import Stage
 from jaxexit import EarlyExitModel
 
 
-def jax_step_times(batch, stage: int, pooler: str, repeats: int) -> float:
+def jax_step_times(batch, stage: Stage, pooler: str, repeats: int) -> float:
     model = EarlyExitModel.from_pretrained(MINILM, num_labels=2, ramp_pooler=pooler)
     L = model.num_layers
     tx, labels = optim.make_optimizer(model.params, stage=stage, num_layers=L, lr=2e-5, total_steps=1000,
@@ -75,9 +76,9 @@ def main():
     batch.update(tokenizer.pad(split.rows, split.types, length=args.length))
 
     seconds = {
-        "stage1": jax_step_times(batch, 1, "per_ramp", args.steps),
-        "stage2": jax_step_times(batch, 2, "per_ramp", args.steps),
-        "joint": jax_step_times(batch, 0, "shared", args.steps),
+        "stage1": jax_step_times(batch, Stage.BACKBONE, "per_ramp", args.steps),
+        "stage2": jax_step_times(batch, Stage.RAMPS, "per_ramp", args.steps),
+        "joint": jax_step_times(batch, Stage.JOINT, "shared", args.steps),
         "torch_finetune": torch_step_time(batch, args.steps),
     }
     rate = {k: (args.batch_size / v if v else None) for k, v in seconds.items()}

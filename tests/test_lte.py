@@ -134,22 +134,17 @@ def test_learned_policies_run_in_every_mode_as_offline(lte_run):
 
 
 def test_infer_cli_berxit_and_analyze_with_an_lte(lte_run, capsys):
-    import importlib.util
-
-    from conftest import REPO
+    from jaxexit.cli import infer as cli
 
     root, _, lte = lte_run
-    spec = importlib.util.spec_from_file_location("infer_run", REPO / "infer" / "run.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    result = cli.main(["--checkpoint", str(lte.path), "--policy", "berxit", "--t", "0.3", "--limit", "16",
+    result = cli.run(["--checkpoint", str(lte.path), "--policy", "berxit", "--t", "0.3", "--limit", "16",
                        "--json", str(root / "b.json")])
     assert result["policy"] == "berxit" and result["t"] == 0.3
-    result = cli.main(["--checkpoint", str(lte.path), "--policy", "pcee", "--confidence", "learned", "--patience", "2",
+    result = cli.run(["--checkpoint", str(lte.path), "--policy", "pcee", "--confidence", "learned", "--patience", "2",
                        "--tau", "0.3", "--ensemble", "--limit", "16", "--mode", "device", "--batch-size", "8",
                        "--json", str(root / "p.json")])
     assert result["policy"] == "pcee[learned]+ensemble"
-    sweep = cli.main(["--checkpoint", str(lte.path), "--sweep", "--limit", "16", "--json", str(root / "s.json")])
+    sweep = cli.run(["--checkpoint", str(lte.path), "--sweep", "--limit", "16", "--json", str(root / "s.json")])
     with open(sweep["sweep_csv"]) as f:
         assert "berxit" in f.read()
     # infer/analyze.py: BERxiT in Table 2, the -v2 variant, every policy with and without the ensemble.

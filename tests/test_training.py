@@ -19,6 +19,8 @@ from jaxexit.training import optim
 from jaxexit.text import steps
 from jaxexit import EarlyExitModel, EncoderConfig
 from jaxexit.training.checkpoint import RunDir, Stopped
+from jaxexit.training.losses import ramp_losses
+from jaxexit.training.stages import Stage
 from jaxexit.text.train_config import TrainConfig
 from jaxexit.text.trainer import finetune
 
@@ -140,9 +142,37 @@ def test_ramp_losses_cross_entropy_and_weights():
     logits = np.array([[[2.0, 0.0], [0.0, 3.0], [5.0, 5.0]]], np.float32)
     labels = np.array([0, 1, 0])
     weights = np.array([1.0, 1.0, 0.0], np.float32)  # the third row is padding
-    got = steps.ramp_losses(logits, labels, weights, regression=False)
+    got = ramp_losses(logits, labels, weights, regression=False)
     want = (np.log1p(np.exp(-2.0)) + np.log1p(np.exp(-3.0))) / 2
     np.testing.assert_allclose(got, [want], rtol=1e-6)
+
+
+def test_stages_keep_the_values_runs_record():
+    """Checkpoints and metrics.jsonl hold the stage as a bare integer: 0 joint, 1 and 2 DeeBERT's,
+    3 alternate, 4 learning to exit."""
+    assert [int(s) for s in Stage] == [0, 1, 2, 3, 4]
+    assert TrainConfig(scheme="two_stage").stages == (Stage.BACKBONE, Stage.RAMPS) == (1, 2)
+    assert TrainConfig(scheme="joint", lte=True).stages == (0, 4) and TrainConfig(scheme="alternate").stages == (3,)
+    assert TrainConfig(stage1_from="run").stages == (2,) and TrainConfig(lte_from="run").stages == (4,)
+    assert json.dumps({"stage": Stage.RAMPS}) == '{"stage": 2}' and Stage.RAMPS.title == "stage 2"
+
+
+def test_training_library_layering():
+    """jaxexit/training imports neither model stack; the training library parses no arguments and
+    imports nothing of jaxexit.cli."""
+    import ast
+
+    for package in ("training", "text", "vision"):
+        for path in (REPO / "jaxexit" / package).glob("*.py"):
+            names = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names |= {a.name for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names.add(node.module)
+            assert "argparse" not in names and not any(n.startswith("jaxexit.cli") for n in names), path
+            if package == "training":
+                assert not any(n.startswith(("jaxexit.text", "jaxexit.vision")) for n in names), path
 
 
 # ---- the optimiser partition -----------------------------------------------------------------

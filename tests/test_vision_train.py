@@ -5,7 +5,6 @@ resume, the run directory and `load_run`, and command-line errors. A depth-8 net
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -21,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxexit.cli import train_vision as vision_cli
 from jaxexit.vision import resnet, train as vision_train
+from jaxexit.training.losses import joint_weights
 from jaxexit.training.checkpoint import RunDir, Stopped
 from jaxexit.vision.config import VisionTrainConfig
 from jaxexit.vision.train import OptimizerSpec
@@ -79,7 +80,7 @@ def _assert_same_variables(got, expected) -> None:
 # ---- the loss and the optimiser ------------------------------------------------------------------
 
 def test_joint_loss_weights_exits_by_depth():
-    np.testing.assert_allclose(vision_train.steps.joint_weights(27), np.arange(1, 28) / 378, rtol=1e-6)
+    np.testing.assert_allclose(joint_weights(27), np.arange(1, 28) / 378, rtol=1e-6)
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(size=(4, 5, 3)).astype(np.float32), rng.integers(0, 3, 5).astype(np.int32)
     loss, losses = vision_train.joint_loss(jnp.asarray(logits), jnp.asarray(labels))
@@ -190,9 +191,8 @@ def test_sigterm_saves_the_step_and_the_run_resumes_exactly(folder, tmp_path, st
     resumed = vision_train.train(None, resume=str(path), progress=False)
     _assert_same_variables(resumed.variables, straight.variables)
 
-    cli = _cli()
-    with mock.patch.object(cli, "train", side_effect=stopped.value), pytest.raises(SystemExit) as out:
-        cli.main(["--resume", str(path), "--no-progress"])
+    with mock.patch.object(vision_cli, "train", side_effect=stopped.value), pytest.raises(SystemExit) as out:
+        vision_cli.main(["--resume", str(path), "--no-progress"])
     assert out.value.code == 130
     assert f"--resume {path}" in capsys.readouterr().err
 
@@ -298,13 +298,6 @@ def test_subsets_keep_every_class():
 
 # ---- the command line ---------------------------------------------------------------------------------
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("train_vision", os.path.join(REPO, "train", "train_vision.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("flags,message", [
     (["--data-dir", "{missing}"], r"--data-dir .*missing does not exist"),
     (["--epochs", "0"], r"--epochs must be >= 1, got 0"),
@@ -319,7 +312,7 @@ def test_cli_errors_are_one_line(flags, message, folder, tmp_path, capsys):
     argv += [] if "--data-dir" in argv else ["--data-dir", str(folder)]
     argv += [] if "--depth" in argv else ["--depth", "8"]
     with pytest.raises(SystemExit) as exit_info:
-        _cli().main(argv + ["--output-dir", str(tmp_path / "runs"), "--no-progress"])
+        vision_cli.main(argv + ["--output-dir", str(tmp_path / "runs"), "--no-progress"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err

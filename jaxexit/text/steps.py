@@ -1,13 +1,14 @@
-"""Losses and the jitted training / evaluation steps of both schemes.
+"""The text models' training losses and jitted training / evaluation steps, one per `Stage`.
 
-`two_stage` (DeeBERT): stage 1 trains embeddings, layers and ramp L on L_L; stage 2 trains ramps
+`two_stage` (DeeBERT): BACKBONE trains embeddings, layers and ramp L on L_L; RAMPS trains ramps
 1..L-1 on sum_{i<L} L_i with gradients taken with respect to the ramp subtree only (the backbone
-runs forward, without a backward pass, and layer L is not run at all). `joint` (PABEE / PCEE):
-everything trains on sum_i i * L_i / sum_i i. `alternate` (BERxiT, stage 3): everything trains,
-on L_L at even steps and on sum_i L_i (every ramp, the last included) at odd steps. Stage 4
-(BERxiT's learning to exit) trains the LTE module alone, on the frozen model's ramps: it predicts
-each ramp's error, target 1 - exp(-e_i) (docs/training.md), loss the mean squared difference over ramps;
-gradients are taken with respect to the LTE subtree only.
+runs forward, without a backward pass, and layer L is not run at all). JOINT (PABEE / PCEE):
+everything trains on sum_i i * L_i / sum_i i. ALTERNATE (BERxiT): everything trains, on L_L at
+even steps and on sum_i L_i (every ramp, the last included) at odd steps. LTE (BERxiT's learning
+to exit) trains the LTE module alone, on the frozen model's ramps: it predicts each ramp's error,
+target 1 - exp(-e_i) (docs/training.md), loss the mean squared difference over ramps; gradients
+are taken with respect to the LTE subtree only. The per-ramp losses and joint weights are shared
+with vision (jaxexit/training/losses.py).
 """
 
 from __future__ import annotations
@@ -19,39 +20,25 @@ import jax.numpy as jnp
 import optax
 
 from jaxexit.text import modeling
-from jaxexit.training import optim
 from jaxexit.text.config import EncoderConfig
-
-
-def ramp_losses(logits: jax.Array, labels: jax.Array, weights: jax.Array, regression: bool) -> jax.Array:
-    """Per-ramp weighted mean loss `[K]` from logits `[K, B, C]`: cross-entropy, or MSE (C = 1)."""
-    if regression:
-        per_example = jnp.square(logits[..., 0] - labels.astype(jnp.float32))
-    else:
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        per_example = -jnp.take_along_axis(logp, labels.astype(jnp.int32)[None, :, None], axis=-1)[..., 0]
-    return (per_example * weights).sum(-1) / jnp.maximum(weights.sum(), 1.0)
-
-
-def joint_weights(num_layers: int) -> jax.Array:
-    """PABEE/PCEE's weights i / sum_i i for ramps i = 1..L."""
-    w = jnp.arange(1, num_layers + 1, dtype=jnp.float32)
-    return w / w.sum()
+from jaxexit.training import optim
+from jaxexit.training.losses import joint_weights, ramp_losses
+from jaxexit.training.stages import Stage
 
 
 def _inputs(batch):
     return batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
 
 
-def stage_loss(cfg: EncoderConfig, stage: int, params, batch, rng, step=0):
-    """The scalar training loss of `stage` (0 joint, 1, 3 alternate) at optimiser step `step`
+def stage_loss(cfg: EncoderConfig, stage: Stage, params, batch, rng, step=0):
+    """The scalar training loss of `stage` (JOINT, BACKBONE, ALTERNATE) at optimiser step `step`
     (0-based; alternate's objective depends on its parity) and the per-ramp losses it used."""
     module = modeling.MultiExitEncoder(cfg)
     L = cfg.num_hidden_layers
     rng_backbone, rng_ramps = jax.random.split(rng)
     train = dict(deterministic=False)
     args = (batch["label"], batch["weight"], cfg.is_regression)
-    if stage == 1:
+    if stage == Stage.BACKBONE:
         hidden = module.apply({"params": {"backbone": params["backbone"]}}, *_inputs(batch), **train,
                               rngs={"dropout": rng_backbone}, method="encode")
         features = modeling.ramp_input(cfg, hidden[-1], modeling.attention_bias(batch["attention_mask"]))
@@ -59,14 +46,14 @@ def stage_loss(cfg: EncoderConfig, stage: int, params, batch, rng, step=0):
                                           **train, rngs={"dropout": rng_ramps})
         losses = ramp_losses(logits[None], *args)
         return losses[0], losses
-    if stage in (0, 3):
+    if stage in (Stage.JOINT, Stage.ALTERNATE):
         logits, _ = module.apply({"params": params}, *_inputs(batch), **train,
                                  rngs={"dropout": rng_backbone})
         losses = ramp_losses(logits, *args)
-        if stage == 3:
+        if stage == Stage.ALTERNATE:
             return jnp.where(step % 2 == 0, losses[-1], losses.sum()), losses
         return (joint_weights(L) * losses).sum(), losses
-    raise ValueError("stage 2 takes ramp parameters only: use stage2_loss")
+    raise ValueError("the RAMPS stage takes ramp parameters only: use stage2_loss")
 
 
 def stage2_loss(cfg: EncoderConfig, ramps, features, batch, rng):
@@ -106,11 +93,11 @@ def lte_inputs(cfg: EncoderConfig, params, batch):
     return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(pooled)
 
 
-def train_step(cfg: EncoderConfig, stage: int, tx: optax.GradientTransformation, labels, state, batch, rng):
+def train_step(cfg: EncoderConfig, stage: Stage, tx: optax.GradientTransformation, labels, state, batch, rng):
     """One optimiser step. `state` is `{"params", "opt_state", "step"}`; returns (state, metrics)."""
     params = state["params"]
     rng = jax.random.fold_in(rng, state["step"])
-    if stage == 2:
+    if stage == Stage.RAMPS:
         rng_backbone, rng_ramps = jax.random.split(rng)
         hidden = modeling.MultiExitEncoder(cfg).apply(
             {"params": {"backbone": params["backbone"]}}, *_inputs(batch), deterministic=False,
@@ -122,7 +109,7 @@ def train_step(cfg: EncoderConfig, stage: int, tx: optax.GradientTransformation,
             functools.partial(stage2_loss, cfg), has_aux=True
         )(params["ramps"], features, batch, rng_ramps)
         grads = {**_zeros_except(params, "ramps"), "ramps": ramp_grads}
-    elif stage == 4:
+    elif stage == Stage.LTE:
         logits, pooled = lte_inputs(cfg, params, batch)
         targets = lte_targets(logits, batch["label"], cfg.is_regression)
         (loss, losses), lte_grads = jax.value_and_grad(functools.partial(lte_loss, cfg), has_aux=True)(

@@ -1,21 +1,15 @@
-"""Fine-tuning configuration: one typed dataclass, one named preset per GLUE task, CLI overrides."""
+"""Fine-tuning configuration: one typed dataclass, one named preset per GLUE task; every field
+carries its one-line help (the flags of jaxexit/cli/finetune.py are made from them)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import re
-import types
-import typing
 
 from jaxexit.text.config import RAMP_INPUTS, RAMP_POOLERS, DictConfig
+from jaxexit.training.configs import config_field
+from jaxexit.training.stages import SCHEME_STAGES, Stage
 
-SCHEMES = ("two_stage", "joint", "alternate")
-
-
-def config_field(default, help: str, choices: tuple | None = None):
-    """A config field with its one-line `--help` text (and choices), kept beside its default."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+SCHEMES = tuple(SCHEME_STAGES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,33 +85,26 @@ class TrainConfig(DictConfig):
         return self.ramp_pooler or ("shared" if self.scheme == "joint" else "per_ramp")
 
     @property
-    def stages(self) -> tuple[int, ...]:
-        """1 and 2 for DeeBERT's scheme; 0 stands for the single joint stage, 3 for the alternating one;
-        4 is the learning-to-exit stage that follows any of them (alone with lte_from)."""
+    def stages(self) -> tuple[Stage, ...]:
+        """The scheme's stages (stage1_from: RAMPS alone), then LTE with `lte` (alone with lte_from)."""
         if self.lte_from:
-            return (4,)
-        if self.scheme == "joint":
-            stages = (0,)
-        elif self.scheme == "alternate":
-            stages = (3,)
-        else:
-            stages = (2,) if self.stage1_from else (1, 2)
-        return stages + (4,) if self.lte else stages
+            return (Stage.LTE,)
+        stages = (Stage.RAMPS,) if self.stage1_from else SCHEME_STAGES[self.scheme]
+        return stages + (Stage.LTE,) if self.lte else stages
 
     @property
     def uses_lte(self) -> bool:
         return self.lte or self.lte_from is not None
 
-    def stage_lr(self, stage: int) -> float:
-        if stage == 4:
+    def stage_lr(self, stage: Stage) -> float:
+        if stage == Stage.LTE:
             return self.lte_lr
-        return self.stage2_lr if stage == 2 and self.stage2_lr is not None else self.lr
+        return self.stage2_lr if stage == Stage.RAMPS and self.stage2_lr is not None else self.lr
 
-    def stage_epochs(self, stage: int) -> float:
-        if stage == 4:
+    def stage_epochs(self, stage: Stage) -> float:
+        if stage == Stage.LTE:
             return self.lte_epochs
-        return self.stage2_epochs if stage == 2 and self.stage2_epochs is not None else self.epochs
-
+        return self.stage2_epochs if stage == Stage.RAMPS and self.stage2_epochs is not None else self.epochs
 
 
 # One preset per task: the papers' recipe (bert-base-uncased, max length 128, lr 2e-5, batch 32;
@@ -132,80 +119,3 @@ def preset(name: str) -> TrainConfig:
     if key not in PRESETS:
         raise ValueError(f"unknown config {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[key]
-
-
-# ---- command line --------------------------------------------------------------------------------
-def parser_type(annotation) -> tuple[type, bool]:
-    """(scalar type, accepts 'none') for a field annotation like `int | None`."""
-    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    scalar = [h for h in hints if h is not type(None)]
-    return scalar[0], len(scalar) < len(hints)
-
-
-def converter(kind: type, optional: bool, choices: tuple | None = None):
-    def convert(text: str):
-        if optional and text.lower() == "none":
-            return None
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}{' or none' if optional else ''}, got {text!r}")
-        if choices and value not in choices:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
-        return value
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config PRESET` plus one `--field-name VALUE` per TrainConfig field (`add_field_arguments`)."""
-    parser.add_argument("--config", default="sst2", metavar="PRESET",
-                        help=f"task preset, the papers' recipe for it: {', '.join(PRESETS)} (default: sst2)")
-    add_field_arguments(parser, TrainConfig, skip="task")
-
-
-def add_field_arguments(parser: argparse.ArgumentParser, config_class, skip: str) -> None:
-    """One `--field-name VALUE` per field of `config_class` but `skip` (the one a preset sets),
-    typed, with its help and choices; boolean fields are switches (`--skip-bad-rows` /
-    `--no-skip-bad-rows`). Every default is None: "not given on the command line"."""
-    hints = typing.get_type_hints(config_class)
-    for field in dataclasses.fields(config_class):
-        if field.name == skip:
-            continue
-        kind, optional = parser_type(hints[field.name])
-        flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]
-        if kind is bool:
-            parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=help_text)
-            continue
-        choices = field.metadata["choices"]
-        shown = f"{{{','.join(choices)}}}" if choices else kind.__name__.upper()
-        parser.add_argument(flag, dest=field.name, default=None, type=converter(kind, optional, choices),
-                            metavar=shown, help=help_text if field.default is None else
-                            f"{help_text} (preset: {field.default})")
-
-
-def given_fields(args: argparse.Namespace, config_class, skip: str) -> dict:
-    """The fields of `config_class` (but `skip`) given on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-            if f.name != skip and getattr(args, f.name, None) is not None}
-
-
-def with_flags(base, args: argparse.Namespace, skip: str):
-    """`base` (a preset) with the flags' overrides; a value out of range is a ValueError naming its flag."""
-    try:
-        return base.replace(**given_fields(args, type(base), skip))
-    except ValueError as e:
-        raise ValueError(flag_names(str(e), type(base))) from None
-
-
-def from_arguments(args: argparse.Namespace) -> TrainConfig:
-    """The preset with the flags' overrides; a value out of range is a ValueError naming its flag."""
-    return with_flags(preset(args.config), args, skip="task")
-
-
-def flag_names(message: str, config_class) -> str:
-    """`message` with each field name of `config_class` written as its command-line flag."""
-    for f in dataclasses.fields(config_class):
-        message = re.sub(rf"\b{f.name}\b", "--" + f.name.replace("_", "-"), message)
-    return message

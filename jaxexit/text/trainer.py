@@ -1,7 +1,8 @@
 """Fine-tuning on GLUE: DeeBERT's two stages or the joint scheme, data parallel, resumable.
 
-Read top to bottom: mesh -> data -> model -> (per stage) optimiser, sharded state, restore,
-update loop with evaluation and checkpoints -> the final model and summary.
+Read top to bottom: mesh -> data -> model -> (per stage) optimiser, sharded state, restore, the
+shared update loop (jaxexit/training/loop.py) with evaluation and checkpoints -> the final model
+and summary.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxexit.text import batches, glue, metrics, steps
-from jaxexit.cli import console
-from jaxexit.training import optim, parallel
 from jaxexit.text.model import EarlyExitModel, init_lte
-from jaxexit.training.checkpoint import RunDir, stop_on_signal, timestamp, write_text
 from jaxexit.text.train_config import TrainConfig
+from jaxexit.training import logs, loop, optim, parallel
+from jaxexit.training.checkpoint import RunDir, timestamp, write_text
+from jaxexit.training.stages import Stage
 
 log = logging.getLogger(__name__)
-STAGE_NAMES = {0: "joint", 1: "stage 1", 2: "stage 2", 3: "alternate", 4: "learning to exit"}
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -115,9 +115,9 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     if run is None:
         run = RunDir.create(cfg.output_dir, name, cfg.to_dict(), mcfg, tokenizer)
     if run.writer:
-        console.log_to_file(run.path)  # library chatter from here on (and before) -> train.log
+        logs.log_to_file(run.path)  # library chatter from here on (and before) -> train.log
     per_epoch = batches.steps_per_epoch(len(train_split), cfg.batch_size)
-    totals = {s: _stage_steps(cfg, s, per_epoch) for s in cfg.stages}
+    totals = {int(s): _stage_steps(cfg, s, per_epoch) for s in cfg.stages}  # ints: as logged and summarised
     offsets = dict(zip(cfg.stages, np.cumsum([0] + [totals[s] for s in cfg.stages])[:-1].tolist()))
     log.info("%s: %d train examples, %d steps/epoch, stages %s, %d devices",
              task.tsv_dir, len(train_split), per_epoch, totals, mesh.devices.size)
@@ -134,7 +134,7 @@ def finetune(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
         if meta is not None and cfg.stages.index(stage) < cfg.stages.index(meta["stage"]):
             continue  # finished before the interruption
         resume_stage = meta is not None and meta["stage"] == stage
-        # Stage 2 starts from stage 1's last parameters (the papers' rule).
+        # RAMPS starts from BACKBONE's last parameters (the papers' rule).
         params, final_scores = _train_stage(job, stage, params, totals[stage], offsets[stage], resume_stage,
                                             progress, on_step)
         meta = None
@@ -171,9 +171,9 @@ class _Job:
     per_epoch: int
 
 
-def _train_stage(job: _Job, stage: int, params, total: int, offset: int, resume: bool, progress: bool, on_step):
-    """One stage from `params` (or from the run's last checkpoint when `resume`): the update loop
-    with logging, per-epoch evaluation and checkpoints. Returns (last params, last dev scores)."""
+def _train_stage(job: _Job, stage: Stage, params, total: int, offset: int, resume: bool, progress: bool, on_step):
+    """One stage from `params` (or from the run's last checkpoint when `resume`): the shared update
+    loop with this stage's step, batches and records. Returns (last params, last dev scores)."""
     cfg, run, mesh = job.cfg, job.run, job.mesh
     tx, labels = optim.make_optimizer(
         params, stage=stage, num_layers=job.mcfg.num_hidden_layers, lr=cfg.stage_lr(stage), total_steps=total,
@@ -182,53 +182,29 @@ def _train_stage(job: _Job, stage: int, params, total: int, offset: int, resume:
     replicated = parallel.replicated(mesh)
     init = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": np.int32(0)}, out_shardings=replicated)
     if resume:
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init, params))
-        state = run.restore_state(abstract)
-        log.info("resumed %s at step %d of %d", STAGE_NAMES[stage], int(state["step"]), total)
+        state = loop.restore(run, init, params, sharding=replicated)
+        log.info("resumed %s at step %d of %d", stage.title, int(state["step"]), total)
     else:
         state = init(params)
     step_fn = jax.jit(functools.partial(steps.train_step, job.mcfg, stage, tx, labels), donate_argnums=(0,))
     # RBG keys: dropout masks cost a sixth of a step with threefry on CPU, a small fraction with rbg.
-    rng = jax.random.fold_in(jax.random.key(cfg.seed, impl="rbg"), stage)
+    rng = jax.random.fold_in(jax.random.key(cfg.seed, impl="rbg"), int(stage))
 
-    scores = None
-    bar = _progress(progress, total, STAGE_NAMES[stage], int(state["step"]))
-    seen, tick = 0, time.time()
-    meta = lambda step: {"stage": stage, "global_step": offset + step, "step": step,  # noqa: E731
-                         "config": cfg.to_dict()}
-    with stop_on_signal() as stop:
-        while (step := int(state["step"])) < total:
-            epoch, first = divmod(step, job.per_epoch)
-            for batch in batches.train_batches(job.tokenizer, job.train, cfg.batch_size, cfg.seed * 1000 + stage,
-                                               epoch, start=first):
-                state, out = step_fn(state, parallel.shard_batch(batch, mesh), rng)
-                step += 1
-                seen += cfg.batch_size
-                global_step = offset + step
-                if step % cfg.log_every == 0 or step == total:
-                    loss = float(out["loss"])
-                    rate = seen / max(time.time() - tick, 1e-9)
-                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
-                    run.log({"kind": "train", "stage": stage, "step": step, "global_step": global_step,
-                             "epoch": epoch, "loss": loss, "examples_per_s": rate, "time": round(time.time(), 1),
-                             "ramp_losses": np.asarray(out["ramp_losses"]).round(5).tolist()})
-                    seen, tick = 0, time.time()
-                bar.update(1)
-                end_of_epoch = step % job.per_epoch == 0
-                if end_of_epoch or step == total:
-                    scores = _evaluate(job, state["params"], stage, step, global_step, epoch + 1)
-                saved = end_of_epoch or step == total or step % cfg.save_every == 0
-                if saved:
-                    run.save_state(global_step, state, meta(step))
-                if on_step is not None:
-                    on_step(run, stage, step)
-                if stop:  # Ctrl-C / SIGTERM: save this step, then stop
-                    bar.close()
-                    run.stop(stop, global_step, state, meta(step), saved)
-                if step == total:
-                    break
-    bar.close()
+    def train_batches(epoch: int, first: int):
+        return batches.train_batches(job.tokenizer, job.train, cfg.batch_size, cfg.seed * 1000 + int(stage), epoch,
+                                     start=first)
+
+    hooks = loop.Hooks(
+        record=lambda out, step: {"stage": int(stage), "ramp_losses": np.asarray(out["ramp_losses"]).round(5).tolist()},
+        evaluate=lambda state, step, global_step, epoch: _evaluate(job, state["params"], stage, step, global_step,
+                                                                   epoch),
+        meta=lambda step, epoch: {"stage": int(stage), "global_step": offset + step, "step": step,
+                                  "config": cfg.to_dict()},
+        on_step=None if on_step is None else lambda run, step: on_step(run, stage, step))
+    state, scores = loop.train_loop(
+        run, state, lambda state, batch: step_fn(state, parallel.shard_batch(batch, mesh), rng), train_batches,
+        loop.Steps(total, job.per_epoch, cfg.batch_size, cfg.log_every, cfg.save_every, offset), hooks,
+        desc=stage.title, progress=progress)
     return state["params"], scores
 
 
@@ -289,12 +265,12 @@ def _evaluate(job: _Job, params, stage, step, global_step, epoch):
     for split, data in job.devs.items():
         logits = ramp_logits_for_split(job.mcfg, params, job.tokenizer, data, job.cfg.eval_batch_size, job.mesh)
         scores[split] = layer_scores(job.task, logits, data.labels)
-        if stage == 4:  # how well the LTE predicts each ramp's error: mean squared difference, per ramp
+        if stage == Stage.LTE:  # how well the LTE predicts each ramp's error: mean squared difference, per ramp
             u = ramp_logits_for_split(job.mcfg, params, job.tokenizer, data, job.cfg.eval_batch_size, job.mesh,
                                       step=steps.eval_lte)
             target = np.asarray(steps.lte_targets(logits, data.labels, job.task.is_regression))
             lte[split] = np.mean(np.square(u - target), axis=1).round(5).tolist()
-    record = {"kind": "eval", "stage": stage, "step": step, "global_step": global_step, "epoch": epoch,
+    record = {"kind": "eval", "stage": int(stage), "step": step, "global_step": global_step, "epoch": epoch,
               "per_layer": scores}
     if lte:
         record["lte_mse"] = lte
@@ -304,22 +280,15 @@ def _evaluate(job: _Job, params, stage, step, global_step, epoch):
               f"ramps 1..L: {lte}", flush=True)
     if job.run.writer:
         write_text(job.run.path / "layers.csv", layer_table(job.task, scores))
-        print(f"\n{job.task.tsv_dir} dev, {STAGE_NAMES[stage]}, epoch {epoch} (per ramp):\n"
+        print(f"\n{job.task.tsv_dir} dev, {Stage(stage).title}, epoch {epoch} (per ramp):\n"
               f"{format_table(job.task, scores)}", flush=True)
     return scores
 
 
-def _stage_steps(cfg: TrainConfig, stage: int, per_epoch: int) -> int:
+def _stage_steps(cfg: TrainConfig, stage: Stage, per_epoch: int) -> int:
     total = math.ceil(cfg.stage_epochs(stage) * per_epoch)
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
 def _limit(examples, n: int):
     return examples[:n] if n else examples
-
-
-def _progress(enabled: bool, total: int, desc: str, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled or jax.process_index() != 0,
-                dynamic_ncols=True)

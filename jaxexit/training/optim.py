@@ -13,6 +13,8 @@ import re
 import jax
 import optax
 
+from jaxexit.training.stages import Stage
+
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
@@ -20,29 +22,29 @@ def _path(keys) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in keys)
 
 
-def stage_rules(stage: int, num_layers: int) -> list[tuple[str, str]]:
+def stage_rules(stage: Stage, num_layers: int) -> list[tuple[str, str]]:
     """(regex over "backbone/.../kernel" paths, label) rules; the first match wins.
 
-    stage 0 is the joint scheme and 3 the alternating one (everything trains); stage 1 trains the
-    backbone and ramp L (with the shared pooler, if any); stage 2 trains ramps 1..L-1 only; stage 4
-    trains the learning-to-exit module only (frozen in every other stage).
+    JOINT and ALTERNATE train everything; BACKBONE trains the backbone and ramp L (with the shared
+    pooler, if any); RAMPS trains ramps 1..L-1 only; LTE trains the learning-to-exit module only
+    (frozen in every other stage).
     """
     last = rf"ramps/{num_layers - 1}/"
-    lte = (r"^lte/", FROZEN)  # the learning-to-exit module trains in stage 4 only
-    if stage in (0, 3):
+    lte = (r"^lte/", FROZEN)  # the learning-to-exit module trains in the LTE stage only
+    if stage in (Stage.JOINT, Stage.ALTERNATE):
         return [(r"^(backbone|ramps)/", TRAINABLE), lte]
-    if stage == 1:
+    if stage == Stage.BACKBONE:
         return [(r"^backbone/", TRAINABLE), (last, TRAINABLE), (r"^ramps/pooler/", TRAINABLE), (r"^ramps/", FROZEN),
                 lte]
-    if stage == 2:
+    if stage == Stage.RAMPS:
         return [(r"^backbone/", FROZEN), (last, FROZEN), (r"^ramps/pooler/", FROZEN), (r"^ramps/\d+/", TRAINABLE),
                 lte]
-    if stage == 4:
+    if stage == Stage.LTE:
         return [(r"^lte/", TRAINABLE), (r"^(backbone|ramps)/", FROZEN)]
     raise ValueError(f"stage must be 0 (joint), 1, 2, 3 (alternate) or 4 (learning to exit), got {stage}")
 
 
-def param_labels(params, stage: int, num_layers: int):
+def param_labels(params, stage: Stage, num_layers: int):
     """A pytree of "trainable"/"frozen" with the structure of `params`; every leaf must match a rule."""
     rules = [(re.compile(pattern), label) for pattern, label in stage_rules(stage, num_layers)]
 
@@ -72,7 +74,7 @@ def schedule(lr: float, total_steps: int, warmup_ratio: float) -> optax.Schedule
     )
 
 
-def make_optimizer(params, *, stage: int, num_layers: int, lr: float, total_steps: int, warmup_ratio: float,
+def make_optimizer(params, *, stage: Stage, num_layers: int, lr: float, total_steps: int, warmup_ratio: float,
                    weight_decay: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    max_grad_norm: float = 1.0) -> tuple[optax.GradientTransformation, object]:
     """The stage's optimizer and its label tree: AdamW (+ clipping) on trainable leaves, zero on frozen."""

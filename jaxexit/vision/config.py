@@ -1,5 +1,6 @@
 """Training configuration of the multi-exit CIFAR ResNet: one typed dataclass, one preset per
-dataset, command-line flags generated from its fields (as jaxexit/text/train_config.py does for GLUE).
+dataset; every field carries its one-line help (the flags of jaxexit/cli/train_vision.py are made
+from them, as jaxexit/cli/finetune.py's are from jaxexit/text/train_config.py).
 
 The presets are He et al.'s CIFAR recipe as PABEE (and PCEE-BERT after it) train ResNet-56:
 batch 128, SGD with momentum 0.9 (no Nesterov), learning rate 0.1, weight decay 1e-4, and the
@@ -16,13 +17,12 @@ exits' biases.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
-from jaxexit.vision import images
 from jaxexit.text.config import DictConfig
+from jaxexit.training.configs import config_field
+from jaxexit.vision import images
 from jaxexit.vision.resnet import ResNetConfig
-from jaxexit.text.train_config import add_field_arguments, config_field, given_fields, with_flags
 
 SCHEDULES = ("cosine", "step")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -46,7 +46,7 @@ class VisionTrainConfig(DictConfig):
     lr: float = config_field(0.1, "peak learning rate of SGD")
     momentum: float = config_field(0.9, "SGD momentum (heavy ball, no Nesterov)")
     weight_decay: float = config_field(1e-4, "L2 weight decay on conv and dense kernels only (He et al., PABEE: 1e-4)")
-    schedule: str = config_field("cosine", "cosine: lr -> 0 over the run's steps; step: lr / 10 at 50%% and 75%% of them "
+    schedule: str = config_field("cosine", "cosine: lr -> 0 over the run's steps; step: lr / 10 at 50% and 75% of them "
                                      "(He et al.'s 32k/48k of 64k)", SCHEDULES)
     max_steps: int = config_field(0, "stop after this many steps, the schedule spanning them (0: no limit; smoke tests)")
     seed: int = config_field(42, "seed of initialisation, data order and augmentation")
@@ -94,22 +94,3 @@ def preset(name: str) -> VisionTrainConfig:
     if key not in PRESETS:
         raise ValueError(f"unknown config {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[key]
-
-
-# ---- command line --------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config PRESET` plus one `--field-name VALUE` per VisionTrainConfig field but `dataset`
-    (`train_config.add_field_arguments`). Every default is None: "not given on the command line"."""
-    parser.add_argument("--config", default=None, metavar="PRESET",
-                        help=f"dataset preset: {', '.join(PRESETS)} (default: cifar10)")
-    add_field_arguments(parser, VisionTrainConfig, skip="dataset")
-
-
-def overrides(args: argparse.Namespace) -> dict:
-    """The fields given on the command line."""
-    return given_fields(args, VisionTrainConfig, skip="dataset")
-
-
-def from_arguments(args: argparse.Namespace) -> VisionTrainConfig:
-    """The preset with the flags' overrides; a value out of range is a ValueError naming its flag."""
-    return with_flags(preset(args.config or "cifar10"), args, skip="dataset")

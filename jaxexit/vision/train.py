@@ -1,11 +1,12 @@
 """Training of the multi-exit CIFAR ResNet (PCEE-BERT section 4.6.4): joint loss, SGD, resumable.
 
 Read top to bottom: the loss and optimiser (pure) -> the jitted steps -> data -> evaluation ->
-the run (mesh, data, run directory, sharded state, restore, update loop with per-epoch evaluation
-and checkpoints, the final model and summary) -> `load_run`.
+the run (mesh, data, run directory, sharded state, restore, the shared update loop of
+jaxexit/training/loop.py with per-epoch evaluation and checkpoints, the final model and summary)
+-> `load_run`.
 
 * Loss: PABEE/PCEE's joint weighted sum over the L exits, `sum_i i * CE_i / sum_i i`, each exit's
-  cross-entropy the mean over the batch (`jaxexit.text.steps`, shared with the text models).
+  cross-entropy the mean over the batch (jaxexit/training/losses.py, shared with the text models).
 * Optimiser: SGD, momentum 0.9 (heavy ball), weight decay as coupled L2 on conv and dense kernels
   only (`decay_mask`), learning-rate schedule `cosine` or `step` over the run's total steps
   (jaxexit/vision/config.py says why).
@@ -43,13 +44,12 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from jaxexit.cli import console
+from jaxexit.training import logs, loop, parallel
+from jaxexit.training.checkpoint import RunDir, read_json, timestamp, write_json, write_text
+from jaxexit.training.losses import joint_weights, ramp_losses
 from jaxexit.vision import images, resnet
-from jaxexit.training import parallel
-from jaxexit.text import steps
-from jaxexit.training.checkpoint import RunDir, read_json, stop_on_signal, timestamp, write_json, write_text
-from jaxexit.vision.resnet import ResNetConfig
 from jaxexit.vision.config import VisionTrainConfig
+from jaxexit.vision.resnet import ResNetConfig
 
 log = logging.getLogger(__name__)
 Variables = dict[str, Any]
@@ -58,8 +58,8 @@ Variables = dict[str, Any]
 # ---- loss and optimiser --------------------------------------------------------------------------
 def joint_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(sum_i w_i * CE_i, CE [L])` from exit logits `[L, B, C]`, `w_i = i / sum_i i`."""
-    losses = steps.ramp_losses(logits, labels, jnp.ones(labels.shape, jnp.float32), regression=False)
-    return (steps.joint_weights(logits.shape[0]) * losses).sum(), losses
+    losses = ramp_losses(logits, labels, jnp.ones(labels.shape, jnp.float32), regression=False)
+    return (joint_weights(logits.shape[0]) * losses).sum(), losses
 
 
 def decay_mask(params) -> Any:
@@ -262,7 +262,7 @@ def train(cfg: VisionTrainConfig | None, resume: str | None = None, progress: bo
         raise ValueError(f"cannot resume {run.path}: its data now has {model_cfg.num_classes} classes, "
                          f"its model {read_json(run.path / 'resnet_config.json')['num_classes']}")
     if run.writer:
-        console.log_to_file(run.path)
+        logs.log_to_file(run.path)
     log.info("%s: %d train / %d test images %dx%d, %d classes; resnet%d, %d exits; %d steps/epoch, %d steps; "
              "%d devices", data.source, len(data.train_images), len(data.test_images), *image_size,
              model_cfg.num_classes, cfg.depth, model_cfg.num_layers, per_epoch, total, mesh.devices.size)
@@ -280,9 +280,7 @@ def train(cfg: VisionTrainConfig | None, resume: str | None = None, progress: bo
         log.warning("%s was trained on %s images, its data now has %d: the resumed run is not the run it continues",
                     run.path, meta.get("train_examples"), len(data.train_images))
     if meta is not None:
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                          jax.eval_shape(init, key))
-        state = run.restore_state(abstract)
+        state = loop.restore(run, init, key, sharding=replicated)
         run.truncate_log(meta["global_step"])
         log.info("resumed %s at step %d of %d", run.path, int(state["step"]), total)
     else:
@@ -290,50 +288,25 @@ def train(cfg: VisionTrainConfig | None, resume: str | None = None, progress: bo
 
     evaluate = functools.partial(_evaluate, run, model_cfg, data, cfg, mesh)
     lr = opt.learning_rate()
-    scores, clock = None, _Clock()
-    step = int(state["step"])
-    bar = _progress(progress, total, f"resnet{cfg.depth}", step)
-    seen, tick = 0, time.time()
+    clock = loop.StepClock()
     mean, std = cfg.normalization
-    meta = lambda step, epoch: {"global_step": step, "step": step, "epoch": epoch,  # noqa: E731
-                                "train_examples": len(data.train_images), "config": cfg.to_dict()}
-    with stop_on_signal() as stop:
-        while step < total:
-            epoch, first = divmod(step, per_epoch)
-            for batch in images.train_batches(data.train_images, data.train_labels, cfg.batch_size, cfg.seed, epoch,
-                                              first, mean=mean, std=std):
-                clock.start()
-                state, out = train_step(model_cfg, opt, state, parallel.shard_batch(batch, mesh))
-                if clock.first_step_s is None:
-                    clock.stop(state)
-                step += 1
-                seen += cfg.batch_size
-                if step % cfg.log_every == 0 or step == total:
-                    loss = float(out["loss"])
-                    rate = seen / max(time.time() - tick, 1e-9)
-                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
-                    run.log({"kind": "train", "step": step, "global_step": step, "epoch": epoch, "loss": loss,
-                             "lr": float(lr(step - 1)), "final_exit_accuracy": float(out["final_exit_accuracy"]),
-                             "examples_per_s": rate, "time": round(time.time(), 1),
-                             "exit_losses": np.asarray(out["exit_losses"]).round(5).tolist()})
-                    seen, tick = 0, time.time()
-                bar.update(1)
-                end_of_epoch = step % per_epoch == 0
-                saved = end_of_epoch or step == total or bool(cfg.save_every and step % cfg.save_every == 0)
-                if saved:
-                    clock.stop(state)  # evaluation and checkpoints do not count as training time
-                    if end_of_epoch or step == total:
-                        scores = evaluate(state, step, epoch + 1)
-                    run.save_state(step, state, meta(step, epoch))
-                if on_step is not None:
-                    on_step(run, step)
-                if stop:  # Ctrl-C / SIGTERM: save this step, then stop
-                    bar.close()
-                    run.stop(stop, step, state, meta(step, epoch), saved)
-                if step == total:
-                    break
-    clock.stop(state)
-    bar.close()
+
+    def train_batches(epoch: int, first: int):
+        return images.train_batches(data.train_images, data.train_labels, cfg.batch_size, cfg.seed, epoch, first,
+                                    mean=mean, std=std)
+
+    hooks = loop.Hooks(
+        record=lambda out, step: {"lr": float(lr(step - 1)), "final_exit_accuracy": float(out["final_exit_accuracy"]),
+                                  "exit_losses": np.asarray(out["exit_losses"]).round(5).tolist()},
+        evaluate=lambda state, step, global_step, epoch: evaluate(state, step, epoch),
+        meta=lambda step, epoch: {"global_step": step, "step": step, "epoch": epoch,
+                                  "train_examples": len(data.train_images), "config": cfg.to_dict()},
+        on_step=on_step)
+    state, scores = loop.train_loop(
+        run, state, lambda state, batch: train_step(model_cfg, opt, state, parallel.shard_batch(batch, mesh)),
+        train_batches, loop.Steps(total, per_epoch, cfg.batch_size, cfg.log_every, cfg.save_every), hooks,
+        desc=f"resnet{cfg.depth}", progress=progress, clock=clock)
+    step = int(state["step"])
     run.wait()
     if scores is None:  # resumed after the last step: evaluate once more
         scores = evaluate(state, step, None)
@@ -367,43 +340,6 @@ def _evaluate(run: RunDir, model_cfg: ResNetConfig, data: VisionData, cfg: Visio
     log.info("epoch %s, step %d: test accuracy, final exit %.4f, best exit %d (%.4f), first exit %.4f",
              epoch, step, accuracy[-1], best + 1, accuracy[best], accuracy[0])
     return accuracy
-
-
-class _Clock:
-    """Seconds per training step in this process: the first step (it compiles) timed alone,
-    evaluation and checkpoints excluded. Steps run asynchronously: the clock stops on a finished state."""
-
-    def __init__(self):
-        self.first_step_s, self.seconds, self.steps = None, 0.0, 0
-        self._since, self._count = None, 0
-
-    def start(self):
-        if self._since is None:
-            self._since, self._count = time.perf_counter(), 0
-        self._count += 1
-
-    def stop(self, state):
-        if self._since is None:
-            return
-        jax.block_until_ready(state)
-        elapsed = time.perf_counter() - self._since
-        if self.first_step_s is None:  # the loop stops the clock right after the first step
-            self.first_step_s = elapsed
-        else:
-            self.seconds, self.steps = self.seconds + elapsed, self.steps + self._count
-        self._since = None
-
-    def summary(self) -> dict:
-        return {"first_step_s": None if self.first_step_s is None else round(self.first_step_s, 3),
-                "seconds_per_step": round(self.seconds / self.steps, 4) if self.steps else None,
-                "timed_steps": self.steps}
-
-
-def _progress(enabled: bool, total: int, desc: str, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled or jax.process_index() != 0,
-                dynamic_ncols=True)
 
 
 # ---- loading a finished run --------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Fine-tune a multi-exit model on GLUE.
+
+    python train/finetune.py --config sst2                      # bert-base-uncased, GLUE via tfds (online)
+    python train/finetune.py --config sst2 --model ../shared/models/all-MiniLM-L6-v2 --data-dir ../shared/data/glue/SST-2
+    python train/finetune.py --config mrpc --scheme joint        # PABEE/PCEE's joint weighted scheme
+    python train/finetune.py --resume runs/sst2-two_stage-20261121-101500
+
+The console script `jaxexit-finetune` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxexit.cli import console, flags
+from jaxexit.text.train_config import PRESETS, TrainConfig, preset
+from jaxexit.text.trainer import finetune
+from jaxexit.training.checkpoint import RunDir, Stopped
+from jaxexit.training.logs import LOG_FILE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`--config PRESET` plus one `--field-name VALUE` per TrainConfig field but `task`, and the
+    run's own switches."""
+    parser = console.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="sst2", metavar="PRESET",
+                        help=f"task preset, the papers' recipe for it: {', '.join(PRESETS)} (default: sst2)")
+    flags.add_field_arguments(parser, TrainConfig, skip="task")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run ('latest': the newest)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--results-dir", metavar="DIR",
+                        help="also copy summary.json, layers.csv and metrics.jsonl to DIR/<run name>/")
+    return parser
+
+
+def config(args: argparse.Namespace) -> TrainConfig:
+    """The preset with the flags' overrides; a value out of range is a ValueError naming its flag."""
+    return flags.with_flags(preset(args.config), args, skip="task")
+
+
+def run(argv=None) -> RunDir:
+    """The command: parse, fine-tune, print where the run is; the finished run directory. A user
+    error exits with status 2, a stop (Ctrl-C, SIGTERM) with 130."""
+    args = build_parser().parse_args(argv)
+    console.setup()  # console: progress, tables, warnings, errors; the rest -> <run>/train.log
+    try:
+        out = finetune(config(args), resume=args.resume, progress=not args.no_progress)
+    except Stopped as e:
+        console.stopped(e)
+    except console.USER_ERRORS as e:
+        console.fail(str(e), e)
+    print(f"run directory: {out.path} (log: {out.path / LOG_FILE})")
+    if args.results_dir:
+        print(f"results copied to {out.export_results(args.results_dir)}")
+    return out
+
+
+def main(argv=None) -> None:
+    """The console script `jaxexit-finetune` (and train/finetune.py)."""
+    run(argv)
