@@ -32,8 +32,8 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def machine() -> str:
-    """The processor, its widest vector instructions (the figures differ ~3x between these machines'
-    AVX-512 and AVX2-only CPUs) and the core count."""
+    """The processor, its widest vector instructions (they move the figures a lot: compare
+    results/scale_speed.md, AVX-512, with results/scale_speed_base.md, AVX2 only) and the core count."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:

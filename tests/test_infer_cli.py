@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import types
+from pathlib import Path
 
 import pytest
 
@@ -15,10 +17,27 @@ from jaxexit.text.inputs import load_inputs
 from jaxexit.text.model import EarlyExitModel
 
 
+@pytest.fixture(scope="module")
+def minilm_model(trained_minilm_run):
+    return EarlyExitModel.from_run(trained_minilm_run.path)
+
+
+@pytest.fixture
+def shared_model(monkeypatch, trained_minilm_run, minilm_model):
+    """The command loads the run's model once for this module (a new instance compiles its steps
+    again); the first test goes through the real load."""
+    def from_run(path):
+        same = Path(path).resolve() == trained_minilm_run.path.resolve()
+        return minilm_model if same else EarlyExitModel.from_run(path)
+
+    monkeypatch.setattr(infer, "EarlyExitModel", types.SimpleNamespace(from_run=from_run))
+    return minilm_model
+
+
 def test_pcee_by_default_with_timing_and_json(trained_minilm_run, tmp_path, capsys):
     out = tmp_path / "r.json"
     result = infer.run(["--checkpoint", str(trained_minilm_run.path), "--patience", "2", "--tau", "0.9",
-                          "--limit", "24", "--json", str(out), "--output", str(tmp_path / "pred.tsv")])
+                        "--limit", "24", "--json", str(out), "--output", str(tmp_path / "pred.tsv")])
     printed = capsys.readouterr().out
     assert "pcee" in printed and "wall saving" in printed and "exits/layer" in printed
     saved = json.loads(out.read_text())
@@ -38,12 +57,12 @@ def test_pcee_by_default_with_timing_and_json(trained_minilm_run, tmp_path, caps
 
 
 @pytest.mark.parametrize("mode", ["latency", "batched", "device", "offline"])
-def test_confidence_and_ensemble_flags_run_in_every_mode_as_offline(trained_minilm_run, tmp_path, mode):
+def test_confidence_and_ensemble_flags_run_in_every_mode_as_offline(trained_minilm_run, shared_model, tmp_path, mode):
     argv = ["--checkpoint", str(trained_minilm_run.path), "--patience", "2", "--tau", "0.5", "--confidence", "maxprob",
             "--ensemble", "--limit", "24", "--mode", mode, "--json", str(tmp_path / f"{mode}.json")]
     result = infer.run(argv + (["--batch-size", "8"] if mode in ("batched", "device") else []))
     assert result["policy"] == "pcee[maxprob]+ensemble" and result["patience"] == 2
-    model = EarlyExitModel.from_run(trained_minilm_run.path)
+    model = shared_model
     split, _ = load_inputs(trained_minilm_run, model, glue.get_task("sst2"), "validation", str(GLUE / "SST-2"),
                            limit=24)
     policy = policies.make_policy("pcee[maxprob]+ensemble", 6, 2, patience=2, tau=0.5)
@@ -52,9 +71,9 @@ def test_confidence_and_ensemble_flags_run_in_every_mode_as_offline(trained_mini
     assert result["exit_histogram"] == want.histogram.tolist() and result["score"] == pytest.approx(want.score)
 
 
-def test_sweep_writes_csv_and_png(trained_minilm_run, tmp_path):
+def test_sweep_writes_csv_and_png(trained_minilm_run, shared_model, tmp_path):
     result = infer.run(["--checkpoint", str(trained_minilm_run.path), "--sweep", "--limit", "64",
-                          "--json", str(tmp_path / "s.json")])
+                        "--json", str(tmp_path / "s.json")])
     assert result["settings"] >= 500
     with open(result["sweep_csv"]) as f:
         rows = list(csv.DictReader(f))
@@ -63,16 +82,16 @@ def test_sweep_writes_csv_and_png(trained_minilm_run, tmp_path):
     assert png.startswith(b"\x89PNG")
 
 
-def test_calibration_reports_on_the_other_half(trained_minilm_run, tmp_path):
+def test_calibration_reports_on_the_other_half(trained_minilm_run, shared_model, tmp_path):
     result = infer.run(["--checkpoint", str(trained_minilm_run.path), "--policy", "maxprob",
-                          "--target-saving", "0.3", "--limit", "80", "--json", str(tmp_path / "c.json")])
+                        "--target-saving", "0.3", "--limit", "80", "--json", str(tmp_path / "c.json")])
     cal = result["calibration"]
     assert cal["calibration_half"]["saving"] >= 0.3 - 1e-9
     assert cal["split_seed"] == 0 and "split seed 0" in cal["halves"] and "report_half" in cal
     assert cal["fixed"] == {} and set(cal["chosen"]) == {"t"}
     assert json.loads((tmp_path / "c.json").read_text())["calibration"]["split_seed"] == 0
     again = infer.run(["--checkpoint", str(trained_minilm_run.path), "--policy", "maxprob", "--split-seed", "5",
-                         "--target-saving", "0.3", "--limit", "80", "--json", str(tmp_path / "c5.json")])
+                       "--target-saving", "0.3", "--limit", "80", "--json", str(tmp_path / "c5.json")])
     assert again["calibration"]["split_seed"] == 5
 
 
@@ -81,9 +100,10 @@ def test_calibration_reports_on_the_other_half(trained_minilm_run, tmp_path):
     (["--tau", "1.0"], {"tau": 1.0}, {"patience"}),                    # implies pcee; patience left open
     (["--policy", "pcee"], {}, {"patience", "tau"}),
 ])
-def test_calibration_keeps_given_parameters_fixed(trained_minilm_run, tmp_path, capsys, flags, fixed, chosen):
+def test_calibration_keeps_given_parameters_fixed(trained_minilm_run, shared_model, tmp_path, capsys, flags, fixed,
+                                                   chosen):
     result = infer.run(["--checkpoint", str(trained_minilm_run.path), *flags, "--target-saving", "0.3",
-                          "--limit", "64", "--json", str(tmp_path / "c.json")])
+                        "--limit", "64", "--json", str(tmp_path / "c.json")])
     cal = result["calibration"]
     assert cal["fixed"] == fixed and set(cal["chosen"]) == chosen
     assert {k: cal["policy"][k] for k in fixed} == fixed
@@ -92,7 +112,7 @@ def test_calibration_keeps_given_parameters_fixed(trained_minilm_run, tmp_path, 
     assert f"fixed {fixed_text}; chosen " in printed and all(f"{k}=" in printed.split("chosen")[1] for k in chosen)
 
 
-def test_flags_that_cannot_apply_are_errors(trained_minilm_run, capsys):
+def test_flags_that_cannot_apply_are_errors(trained_minilm_run, shared_model, capsys):
     ckpt = str(trained_minilm_run.path)
     for argv, message in [
         (["--policy", "pcee", "--S", "0.3", "--target-saving", "0.3"], "S cannot apply to it"),
@@ -112,14 +132,14 @@ def test_flags_that_cannot_apply_are_errors(trained_minilm_run, capsys):
         assert message in capsys.readouterr().err, argv
 
 
-def test_own_text(trained_minilm_run, capsys):
+def test_own_text(trained_minilm_run, shared_model, capsys):
     infer.run(["--checkpoint", str(trained_minilm_run.path), "--patience", "1", "--tau", "0.5",
-                 "--text", "a gripping , funny film", "dull and lifeless"])
+               "--text", "a gripping , funny film", "dull and lifeless"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].split("\t")[0] in ("positive", "negative") and "layer" in lines[0]
 
 
-def test_clear_errors(trained_minilm_run, tmp_path, capsys):
+def test_clear_errors(trained_minilm_run, shared_model, tmp_path, capsys):
     ckpt = str(trained_minilm_run.path)
     for argv, message in [
         (["--checkpoint", str(tmp_path / "none"), "--tau", "0.2"], "does not exist"),

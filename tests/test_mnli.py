@@ -34,7 +34,7 @@ def test_training_evaluates_both_dev_sets(mnli_run):
 
 def test_run_reports_matched_and_mismatched_side_by_side(mnli_run, tmp_path, capsys):
     result = run_cli.run(["--checkpoint", str(mnli_run.path), "--policy", "entropy", "--S", "0.5",
-                           "--json", str(tmp_path / "r.json")])
+                          "--json", str(tmp_path / "r.json")])
     assert set(result["splits"]) == set(SPLITS)
     assert [result["splits"][s]["n"] for s in SPLITS] == [3, 2]
     printed = capsys.readouterr().out
@@ -43,13 +43,13 @@ def test_run_reports_matched_and_mismatched_side_by_side(mnli_run, tmp_path, cap
     for s in SPLITS:  # one JSON file per split, named after it
         assert json.loads((tmp_path / f"r-{s}.json").read_text())["split"] == s
     one = run_cli.run(["--checkpoint", str(mnli_run.path), "--policy", "entropy", "--S", "0.5",
-                        "--split", "dev_mismatched", "--json", str(tmp_path / "one.json")])
+                       "--split", "dev_mismatched", "--json", str(tmp_path / "one.json")])
     assert one["split"] == "validation_mismatched" and (tmp_path / "one.json").is_file()
 
 
 def test_calibration_on_both_dev_sets(mnli_run, tmp_path):
     result = run_cli.run(["--checkpoint", str(mnli_run.path), "--policy", "maxprob", "--target-saving", "0.0",
-                           "--json", str(tmp_path / "c.json")])
+                          "--json", str(tmp_path / "c.json")])
     assert {s: result["splits"][s]["calibration"]["split_seed"] for s in SPLITS} == {s: 0 for s in SPLITS}
 
 
