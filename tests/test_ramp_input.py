@@ -62,10 +62,11 @@ def test_mean_ramps_equal_a_numpy_reference_on_padded_batches(pooler):
 
 def test_first_token_steps_are_for_cls_ramps_only():
     model = EarlyExitModel.from_config(tiny_config())
-    assert not model.first_token_steps((4096, 128))
-    assert EarlyExitModel.from_config(tiny_config(ramp_input="cls")).first_token_steps((4096, 128))
+    assert model.step_plan((4096, 128)) == (4, False, False)  # mean-pooled ramps read every token of layer L
+    assert EarlyExitModel.from_config(tiny_config(ramp_input="cls")).step_plan((4096, 128)).first_token
     with pytest.raises(ValueError, match="need ramp_input 'cls'"):
-        model.first_exit_step(model.params, padded_batch())
+        model.first_exit_step("first_token", model.params, model.layer_params(0), model.ramp_params(0),
+                              padded_batch())
 
 
 def test_every_mode_equals_offline_with_mean_ramps(tmp_path):

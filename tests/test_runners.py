@@ -93,7 +93,7 @@ def test_latency_on_the_first_token_steps_equals_the_offline_simulation(setup):
     sub, _ = one_length(model, split, cached)
     first_token = EarlyExitModel(model.config, model.params, model.tokenizer)
     first_token.first_token_steps_from = 0
-    assert first_token.first_token_steps((1, 8))
+    assert first_token.step_plan((1, 8)).first_token
     want_logits = runners.cached_logits(first_token, sub, batch_size=8)
     for name, params in settings(want_logits):
         policy = _policy(model, name, params)
@@ -121,18 +121,19 @@ def test_latency_runner_compiles_its_steps_once(setup):
     runners.run_latency(fresh, _policy(fresh, "pcee", dict(patience=3, tau=0.2)), split, warmup=0)
     assert fresh.decided_head_step._cache_size() == 2 * len(lengths)  # another patience: another first call
     assert fresh.decided_step._cache_size() == 2 * len(lengths)
-    assert fresh.layer_step._cache_size() == fresh.exit_step._cache_size() == 0
+    assert fresh.first_exit_step._cache_size() == fresh.exit_step._cache_size() == 0
     # static k=L: one call of every layer; mean-pooled ramps read every token of the last layer
     sub, _ = one_length(model, split, np.zeros((model.num_layers, len(split), 2)))
     mean = EarlyExitModel(model.config.replace(ramp_input="mean"), model.params, model.tokenizer)
     runners.run_latency(mean, _policy(mean, "static", dict(k=6)), sub, warmup=0)
     assert mean.decided_head_step._cache_size() == 1 and mean.decided_step._cache_size() == 0
-    # the host-decision form: the plain layer step, whatever the policy
+    # the host-decision form: the plain steps (embeddings and layer 1 in one, then one step for the
+    # layers up to L-1 and one for the last), whatever the policy
     host = EarlyExitModel(model.config, model.params, model.tokenizer)
     for params in (dict(patience=2, tau=0.5), dict(patience=1, tau=0.1)):
         runners.run_latency(host, _policy(host, "pcee", params), sub, warmup=0, pipelined=False)
     runners.run_latency(host, _policy(host, "static", dict(k=3)), sub, warmup=0, pipelined=False)
-    assert host.layer_step._cache_size() == host.embed_step._cache_size() == 1
+    assert host.first_exit_step._cache_size() == 1 and host.exit_step._cache_size() == 2
     assert host.decided_step._cache_size() == host.decided_head_step._cache_size() == 0
 
 

@@ -1,6 +1,6 @@
-"""Early exit on a multi-exit ResNet (jaxexit/vision/model.py): every live mode gives the offline
-simulation's exits and predictions, the piecewise and dense paths agree with the whole network,
-and a finished run loads. A random depth-14 network (6 exits, three stages, so the block changes
+"""Early exit on a multi-exit ResNet (jaxexit/vision/model.py) through the generic runners: every
+live mode gives the offline simulation's exits and predictions, the piecewise and dense paths agree
+with the whole network, and a finished run loads. A random depth-14 network (6 exits, three stages, so the block changes
 shape twice) on 8x8 images."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from jaxexit.exits import offline, policies
+from jaxexit.exits.runners import (cached_logits, run_batched, run_full_batched, run_full_latency, run_latency,
+                                   run_on_device)
 from jaxexit.vision import resnet
+from jaxexit.vision.model import VisionExitModel
 from jaxexit.vision.resnet import ResNetConfig
-from jaxexit.vision.model import (VisionExitModel, cached_logits, run_batched, run_full_batched, run_full_latency,
-                                  run_latency, run_on_device)
 
 CFG = ResNetConfig(depth=14, num_classes=3, widths=(4, 8, 16))
 
@@ -115,11 +116,6 @@ def test_a_trained_run_loads_and_infer_analyze_writes_table_3(tmp_path):
 
 
 def _analyze_main(argv):
-    import importlib.util
-    import os
+    from jaxexit.cli import analyze
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infer", "analyze.py")
-    spec = importlib.util.spec_from_file_location("analyze_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return analyze.run(argv)  # what infer/analyze.py runs, returning the analysis

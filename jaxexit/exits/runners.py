@@ -1,22 +1,19 @@
 """Early-exit inference runners. All four give the same exits for the same policy:
 
-* `run_latency`  (the papers' setting) one input at a time: the jitted first step (embeddings,
-  and the layers before the first at which the policy can exit, with their ramps), then the
-  jitted layer+ramp step (compiled once for every layer). By default
-  each step also runs the policy's step and returns the exit flag; the host queues layer i+1
-  before it reads ramp i's flag and stops when it is set, layer i+1 then doing nothing on the
-  device (`exit_one`, `EarlyExitModel.decided_step`). `pipelined=False`: the host reads ramp i's
-  logits and decides in numpy before dispatching layer i+1 (`EarlyExitModel.ramp_steps`). On
-  large batches a layer is computed at the first token for its ramp and finished for the other
-  tokens only when the input goes on (`modeling.exit_step`).
+* `run_latency`  (the papers' setting) one input at a time. On a model with `decided_steps`
+  (`types.DecidingModel`; the text model) each jitted step also runs the policy's step and returns
+  the exit flag; the host queues layer i+1 before it reads ramp i's flag and stops when it is set,
+  layer i+1 then doing nothing on the device (`exit_one`). Otherwise, or with `pipelined=False`,
+  the host reads ramp i's logits and decides in numpy before dispatching layer i+1 (`ramp_steps`).
 * `run_batched`  many inputs: rows that exit leave the batch, the rest continue in a smaller
   bucketed batch (row counts are multiples of B/8, and powers of two below that, so at most
   8 + log2(B/8) row shapes compile per input length).
 * `run_on_device` the whole exit loop in one jitted `lax.while_loop` (`lax.switch` over the
-  layers), the per-row exit state in the carry; the loop stops once every row has exited.
+  layers, `jaxexit.exits.device`), the per-row exit state in the carry; the loop stops once every
+  row has exited.
 * `cached_logits` + `jaxexit.exits.offline` one pass keeping every ramp's logits, then any policy.
 
-Each returns `Exits(exit_layer [N] 1-based, prediction [N], logits [N, C] of the exit ramp)`;
+The runners read a model through `types.RampModel` alone (text and vision alike). Each returns `Exits(exit_layer [N] 1-based, prediction [N], logits [N, C] of the exit ramp)`;
 with the cross-layer ensemble (`policy.ensemble`), `logits` holds what the prediction is made from
 instead: the mean of ramps 1..m's probabilities (regression: outputs), `policies.output`.
 """
@@ -33,7 +30,7 @@ import numpy as np
 
 from jaxexit.exits import policies
 from jaxexit.exits.policies import Policy
-from jaxexit.exits.types import RampModel, RampOutputs
+from jaxexit.exits.types import DecidingModel, RampModel, RampOutputs
 
 MODES = ("latency", "batched", "device", "offline")
 
@@ -52,10 +49,10 @@ def single_inputs(model: RampModel, split) -> list[dict]:
 
 
 def _check(policy: Policy, model: RampModel) -> None:
-    if (policy.num_layers, policy.num_labels) != (model.num_layers, model.config.num_labels):
+    if (policy.num_layers, policy.num_labels) != (model.num_layers, model.num_labels):
         raise ValueError(f"{policy} is set for L={policy.num_layers}, C={policy.num_labels}; the model has "
-                         f"L={model.num_layers}, C={model.config.num_labels}")
-    if policy.needs_lte and not model.config.lte:
+                         f"L={model.num_layers}, C={model.num_labels}")
+    if policy.needs_lte and not model.has_lte:
         raise ValueError(policies.NEEDS_LTE.format(policy=policy.label))
 
 
@@ -69,7 +66,7 @@ def exit_one(model: RampModel, policy: Policy, batch: dict, pipelined: bool = Tr
              head_layers: int | None = None) -> tuple[int, np.ndarray]:
     """One input (`batch` of one row): returns (exit layer, the prediction's logits [C]).
 
-    `pipelined` (the default): each jitted step runs its layer, its ramp and the policy's step and
+    `pipelined` (the default, on a model with `decided_steps`): each jitted step runs its layer, its ramp and the policy's step and
     returns the exit flag; the host queues layer i+1 before it reads ramp i's flag, and stops there
     when the flag is set, while layer i+1, already queued, finds it set on the device and does
     nothing (`lax.cond`). The device so never waits for the host's read and dispatch. The first
@@ -77,7 +74,7 @@ def exit_one(model: RampModel, policy: Policy, batch: dict, pipelined: bool = Tr
     p cannot exit before layer p, so its first p layers take one call; 1: a call per layer). Else the
     papers' literal form: the host reads ramp i's logits, steps the policy in numpy, and only then
     dispatches layer i+1. Both give the same exits as every other mode."""
-    if pipelined:
+    if _pipelines(model, pipelined):
         return _exit_one_pipelined(model, policy, batch, True, _head(policy, head_layers))
     state = policies.init_state(policy, 1)
     for layer, z in enumerate(model.ramp_steps(batch), start=1):
@@ -103,35 +100,29 @@ def warm_latency(model: RampModel, policy: Policy, batch: dict, pipelined: bool 
     through the last layer, whatever the policy decides. Thresholds are arguments, so another
     setting of the same policy compiles nothing new (but pipelined, another `earliest_exit`, e.g.
     another patience, compiles its own first call)."""
-    if pipelined:
+    if _pipelines(model, pipelined):
         _exit_one_pipelined(model, policy, batch, False, _head(policy, head_layers))
     else:
-        exit_one(model, policies.make_policy("static", model.num_layers, model.config.num_labels, k=model.num_layers),
+        exit_one(model, policies.make_policy("static", model.num_layers, model.num_labels, k=model.num_layers),
                  batch, pipelined=False)
 
 
-def _exit_one_pipelined(model: RampModel, policy: Policy, batch: dict, stop: bool, head_layers: int):
-    cfg, L = model.config, model.num_layers
-    batch = model._check(batch)
-    first_token = model.first_token_steps(batch["input_ids"].shape)
-    embeddings = {"backbone": {"embeddings": model.step_params["backbone"]["embeddings"]}}
-    last = lambda layer: layer == L and cfg.ramp_input == "cls" and not first_token  # noqa: E731
-    m = head_layers  # no exit can happen before layer m: one call
-    every = policies.reads_every_ramp(policy)
-    ramps = tuple(model.ramp_params(i) if every or i == m - 1 else None for i in range(m))
-    carry, bias, state, done, chosen = model.decided_head_step(
-        first_token, last(m), embeddings, tuple(model.layer_params(i) for i in range(m)), ramps, batch, policy)
-    for layer in range(m + 1, L + 1):
-        decided, answer = done, chosen
-        carry, state, done, chosen = model.decided_step(
-            first_token, last(layer), model.layer_params(layer - 2) if first_token else None,
-            model.layer_params(layer - 1), model.ramp_params(layer - 1), carry, bias, policy, state, decided, answer,
-            np.int32(layer))
-        if stop and np.asarray(decided):  # ramp layer-1's flag, read while layer `layer` is queued behind it
+def _pipelines(model: RampModel, pipelined: bool) -> bool:
+    """Whether `exit_one` takes the pipelined form: asked for, and the model decides on the device."""
+    return pipelined and callable(getattr(model, "decided_steps", None))
+
+
+def _exit_one_pipelined(model: DecidingModel, policy: Policy, batch: dict, stop: bool, head_layers: int):
+    steps = model.decided_steps(policy, batch, head_layers)
+    decided, answer = next(steps)  # ramp `head_layers`
+    for layer in range(head_layers + 1, model.num_layers + 1):
+        done, chosen = next(steps)  # layer `layer` queued behind ramp layer-1's flag
+        if stop and np.asarray(decided):
             # the answer is ramp layer-1's, ready now: not waiting for the queued step to find
             # the flag set (it then runs while the host goes on)
             return layer - 1, np.asarray(answer)[0]
-    return L, np.asarray(chosen)[0]
+        decided, answer = done, chosen
+    return model.num_layers, np.asarray(answer)[0]
 
 
 def run_latency(model: RampModel, policy: Policy, split, warmup: int = 2,
@@ -140,13 +131,13 @@ def run_latency(model: RampModel, policy: Policy, split, warmup: int = 2,
     return latency(model, policy, single_inputs(model, split), warmup, pipelined)
 
 
-def latency(model, policy: Policy, singles: list[dict], warmup: int = 2, pipelined: bool = True) -> Exits:
-    """`run_latency` over prepared one-row batches, for any model with `ramp_steps` (pipelined: an
-    `EarlyExitModel`; `jaxexit.vision.model` runs a ResNet through the host-decision form)."""
+def latency(model: RampModel, policy: Policy, singles: list[dict], warmup: int = 2,
+            pipelined: bool = True) -> Exits:
+    """`run_latency` over prepared one-row batches."""
     _check(policy, model)
     one = functools.partial(exit_one, model, pipelined=pipelined)
     warm_up(lambda b: warm_latency(model, policy, b, pipelined), singles, warmup)
-    layers, logits = np.zeros(len(singles), np.int64), np.zeros((len(singles), model.config.num_labels), np.float32)
+    layers, logits = np.zeros(len(singles), np.int64), np.zeros((len(singles), model.num_labels), np.float32)
     start = time.perf_counter()
     for i, batch in enumerate(singles):
         layers[i], logits[i] = one(policy, batch)
@@ -158,7 +149,7 @@ def run_full_latency(model: RampModel, split, warmup: int = 2) -> tuple[np.ndarr
     return full_latency(model, single_inputs(model, split), warmup)
 
 
-def full_latency(model, singles: list[dict], warmup: int = 2) -> tuple[np.ndarray, float]:
+def full_latency(model: RampModel, singles: list[dict], warmup: int = 2) -> tuple[np.ndarray, float]:
     """`run_full_latency` over prepared one-row batches."""
     warm_up(model.final_logits, singles, warmup)
     start = time.perf_counter()
@@ -220,7 +211,7 @@ def exit_batch(model: RampModel, policy: Policy, batch: dict, real: int, cap: in
     state = policies.init_state(policy, size)
     rows = np.arange(size)  # which original row each position of the current batch holds
     layers = np.zeros(size, np.int64)
-    logits = np.zeros((size, model.config.num_labels), np.float32)
+    logits = np.zeros((size, model.num_labels), np.float32)
     steps = model.ramp_steps(batch)
     z = next(steps)
     for layer in range(1, model.num_layers + 1):  # every row has exited after layer L: the loop breaks
@@ -248,12 +239,12 @@ def exit_batch(model: RampModel, policy: Policy, batch: dict, real: int, cap: in
     return layers[:real], logits[:real]
 
 
-def warm_exit_batch(model, batch: dict, cap: int, warmup: int = 1) -> int:
+def warm_exit_batch(model: RampModel, batch: dict, cap: int, warmup: int = 1) -> int:
     """Compile every shape `exit_batch(..., cap=cap)` can run a batch shaped like `batch` (at least
     `cap` rows) through: each row bucket of `cap` over every layer, and each take of rows from a
     bucket into one no larger (a shrink, or the same size when a filler row replaces an exited
     one), so that none compiles in a timed run or a served request. Returns how many ran."""
-    full = policies.make_policy("static", model.num_layers, model.config.num_labels, k=model.num_layers)
+    full = policies.make_policy("static", model.num_layers, model.num_labels, k=model.num_layers)
     sizes = row_buckets(cap)
     shapes = 0
     for size in sizes:
@@ -274,14 +265,14 @@ def run_batched(model: RampModel, policy: Policy, split, batch_size: int = 64,
     return batched(model, policy, _chunks(model, split, batch_size), len(split), batch_size, warmup)
 
 
-def batched(model, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: int, batch_size: int,
+def batched(model: RampModel, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: int, batch_size: int,
             warmup: int = 1) -> Exits:
     """`run_batched` over prepared `(rows, batch)` chunks of `batch_size` rows covering `n` inputs."""
     _check(policy, model)
     if warmup:
         for b in {_shape(b): b for _, b in chunks}.values():  # every input shape met below
             warm_exit_batch(model, b, batch_size, warmup)
-    layers, logits = np.zeros(n, np.int64), np.zeros((n, model.config.num_labels), np.float32)
+    layers, logits = np.zeros(n, np.int64), np.zeros((n, model.num_labels), np.float32)
     start = time.perf_counter()
     for rows, batch in chunks:
         layers[rows], logits[rows] = exit_batch(model, policy, batch, len(rows))
@@ -293,17 +284,17 @@ def run_full_batched(model: RampModel, split, batch_size: int = 64, warmup: int 
     return full_batched(model, _chunks(model, split, batch_size), len(split), warmup)
 
 
-def full_batched(model, chunks: list[tuple[np.ndarray, dict]], n: int, warmup: int = 1):
+def full_batched(model: RampModel, chunks: list[tuple[np.ndarray, dict]], n: int, warmup: int = 1):
     """`run_full_batched` over prepared chunks."""
     warm_up(model.final_logits, [b for _, b in chunks], warmup)
-    out = np.zeros((n, model.config.num_labels), np.float32)
+    out = np.zeros((n, model.num_labels), np.float32)
     start = time.perf_counter()
     for rows, batch in chunks:
         out[rows] = model.final_logits(batch)[: len(rows)]
     return out, time.perf_counter() - start
 
 
-def _chunks(model, split, batch_size):
+def _chunks(model: RampModel, split, batch_size: int):
     return [(rows, model.inputs(split, filled)) for rows, filled in chunk_indices(len(split), batch_size)]
 
 
@@ -323,14 +314,13 @@ def run_on_device(model: RampModel, policy: Policy, split, batch_size: int = 1,
     return on_device(model, policy, _chunks(model, split, batch_size), len(split), warmup)
 
 
-def on_device(model, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: int, warmup: int = 1,
-              run=None) -> Exits:
-    """`run_on_device` over prepared chunks; `run(batch) -> (exit_layer, logits)` defaults to
-    `model.device_exits(batch, policy)`."""
+def on_device(model: RampModel, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: int,
+              warmup: int = 1) -> Exits:
+    """`run_on_device` over prepared chunks."""
     _check(policy, model)
-    run = run or (lambda b: model.device_exits(b, policy))
+    run = lambda b: model.device_exits(b, policy)  # noqa: E731
     warm_up(lambda b: jax.block_until_ready(run(b)), [b for _, b in chunks], warmup)
-    layers, logits = np.zeros(n, np.int64), np.zeros((n, model.config.num_labels), np.float32)
+    layers, logits = np.zeros(n, np.int64), np.zeros((n, model.num_labels), np.float32)
     start = time.perf_counter()
     for rows, batch in chunks:
         exit_layer, chosen = run(batch)
@@ -341,14 +331,15 @@ def on_device(model, policy: Policy, chunks: list[tuple[np.ndarray, dict]], n: i
 # ---- offline: every ramp's logits, once -----------------------------------------------------------
 def cached_logits(model: RampModel, split, batch_size: int = 64):
     """Every ramp's logits `[L, N, C]` through the same jitted early-exit steps the live runners use;
-    on a model with a learning-to-exit module `RampOutputs(logits, lte [L, N])`."""
-    return all_outputs(model, _chunks(model, split, batch_size), len(split))
+    on a model with a learning-to-exit module `RampOutputs(logits, lte [L, N])`. A split smaller
+    than `batch_size` runs as one batch of its own size."""
+    return all_outputs(model, _chunks(model, split, min(batch_size, max(len(split), 1))), len(split))
 
 
-def all_outputs(model, chunks: list[tuple[np.ndarray, dict]], n: int):
+def all_outputs(model: RampModel, chunks: list[tuple[np.ndarray, dict]], n: int):
     """`cached_logits` over prepared chunks covering `n` inputs."""
-    out = np.zeros((model.num_layers, n, model.config.num_labels), np.float32)
-    lte = np.zeros((model.num_layers, n), np.float32) if model.config.lte else None
+    out = np.zeros((model.num_layers, n, model.num_labels), np.float32)
+    lte = np.zeros((model.num_layers, n), np.float32) if model.has_lte else None
     for rows, batch in chunks:
         for layer, z in enumerate(model.ramp_steps(batch)):
             logits, u = policies.split_outputs(_host(z))

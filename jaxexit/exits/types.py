@@ -3,7 +3,7 @@ runners read (`RampModel`). Text and vision models implement it; nothing here kn
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Protocol
+from typing import Iterator, NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -19,16 +19,19 @@ class RampOutputs(NamedTuple):
 
 
 class RampModel(Protocol):
-    """A multi-exit network as the runners (`jaxexit.exits.runners`) see it.
-
-    `config` needs `num_labels` and `lte` (whether ramps also give a learning-to-exit output).
-    A batch is a dict of arrays with the row axis first.
-    """
-
-    config: Any
+    """A multi-exit network as the runners (`jaxexit.exits.runners`) see it: L layers, a ramp after
+    each. A batch is a dict of arrays with the row axis first."""
 
     @property
     def num_layers(self) -> int: ...
+
+    @property
+    def num_labels(self) -> int:
+        """C, the width of a ramp's logits (1: regression)."""
+
+    @property
+    def has_lte(self) -> bool:
+        """Whether ramps also give a learning-to-exit output (`RampOutputs`)."""
 
     def inputs(self, data, rows) -> dict:
         """The batch holding inputs `rows` (indices into `data`, a split of this model's inputs)."""
@@ -40,4 +43,16 @@ class RampModel(Protocol):
         """Ramp L's logits `[B, C]` from the dense network compiled as one function."""
 
     def device_exits(self, batch: dict, policy) -> tuple[jax.Array, jax.Array]:
-        """The whole exit loop on the device: `(exit_layer [B], prediction outputs [B, C])`."""
+        """The whole exit loop on the device (`jaxexit.exits.device.exit_loop`):
+        `(exit_layer [B], prediction outputs [B, C])`."""
+
+
+class DecidingModel(RampModel, Protocol):
+    """A `RampModel` whose steps can also take the policy's decision on the device, which the
+    pipelined latency runner (`runners.exit_one`) needs; others run latency with host decisions."""
+
+    def decided_steps(self, policy, batch: dict, head_layers: int) -> Iterator[tuple[jax.Array, jax.Array]]:
+        """On a batch of one row: `(done, chosen)` device arrays after ramps m = `head_layers`
+        (layers 1..m in one step: no row exits before `policies.earliest_exit`), m + 1, ..., L;
+        each step is dispatched when the caller asks for the next pair, and does nothing once the
+        previous `done` is set. `chosen`: the exit's prediction outputs `[1, C]`."""

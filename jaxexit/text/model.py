@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax import lax
-
-from jaxexit.text import hf_import, modeling
 from jaxexit.exits import policies
-from jaxexit.text.config import EncoderConfig
 from jaxexit.exits.policies import Policy
+from jaxexit.text import exit_steps, hf_import, modeling
+from jaxexit.text.config import EncoderConfig
+from jaxexit.text.exit_steps import StepPlan
 from jaxexit.text.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,8 +40,8 @@ def _take_rows(tree, rows):  # one compile per number of rows kept
 def _final(cfg: EncoderConfig, params, batch):
     """The dense model without exits: every layer, then ramp L only (the speed baseline). Layer by
     layer rather than through the encoder module, whose stacking of every layer's states made the
-    baseline ~9% slower (MiniLM, batch 1, 32 tokens: 7.7 against 7.0 ms) and early exit look better."""
-    hidden, bias = modeling.embed(cfg, params, batch)
+    baseline slower and early exit look better."""
+    hidden, bias = exit_steps.embed(cfg, params, batch)
     for i in range(cfg.num_hidden_layers):
         hidden = modeling.Layer(cfg).apply({"params": modeling.layer_params(cfg, params, i)}, hidden, bias)
     features = modeling.ramp_input(cfg, hidden, bias)
@@ -83,13 +82,14 @@ class EarlyExitModel:
 
     Whole-model calls (`hidden_states`, `ramp_logits`) run in eval mode (no dropout). The
     piecewise steps (`embed_step`, `layer_step`; the early-exit runners' `first_exit_step`,
-    `exit_step` and `ramp_steps`) are jitted once per model and reused for every layer.
+    `exit_step`, `decided_head_step`, `decided_step`, all from `jaxexit.text.exit_steps`) are jitted
+    once per model and reused for every layer. It is a `jaxexit.exits.types.RampModel`, with the
+    pipelined latency path's `decided_steps`.
     """
 
-    # Batches of at least this many tokens (rows x length) take the first-token exit steps in
-    # `ramp_steps`. Measured on a 2-core CPU with MiniLM (results/exit_steps.md, every row exiting
-    # at layer 4): 1.22x the plain steps' time at 1 x 16 and 1.07x at 1 x 64 (weight reads
-    # dominate), 0.98x at 8 x 32, 0.90x at 16 x 32, 0.82x at 64 x 64, 0.79x at 128 x 64.
+    # Batches of at least this many tokens (rows x length) take the first-token exit steps
+    # (`step_plan`): below it they cost more than the plain steps, as weight reads dominate
+    # (results/exit_steps.md).
     first_token_steps_from = 512
 
     def __init__(self, config: EncoderConfig, params: dict, tokenizer: Tokenizer | None = None,
@@ -99,14 +99,15 @@ class EarlyExitModel:
         self._step_params = None
         self.tokenizer = tokenizer
         self.source = source
-        self.embed_step = jax.jit(functools.partial(modeling.embed, config))
-        self.layer_step = jax.jit(functools.partial(modeling.layer_ramp_step, config))
-        self.first_exit_step = jax.jit(functools.partial(modeling.first_exit_step, config))
-        self.exit_step = jax.jit(functools.partial(modeling.exit_step, config))
-        # the pipelined latency path's steps (`runners.exit_one`): layer, ramp and the policy's step
-        decided = dict(static_argnames=("first_token", "last"))
-        self.decided_head_step = jax.jit(functools.partial(decided_head_step, config), **decided)
-        self.decided_step = jax.jit(functools.partial(decided_step, config), **decided)
+        self.embed_step = jax.jit(functools.partial(exit_steps.embed, config))
+        self.layer_step = jax.jit(functools.partial(exit_steps.layer_ramp_step, config))
+        # the exit paths' steps, each compiled once per `StepPlan.kind` (a static argument)
+        step = functools.partial(jax.jit, static_argnames=("kind",))
+        self.first_exit_step = step(functools.partial(exit_steps.first_exit_step, config))
+        self.exit_step = step(functools.partial(exit_steps.exit_step, config))
+        # the pipelined latency path's (`decided_steps`): layer, ramp and the policy's step
+        self.decided_head_step = step(functools.partial(exit_steps.decided_head_step, config))
+        self.decided_step = step(functools.partial(exit_steps.decided_step, config))
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -191,47 +192,73 @@ class EarlyExitModel:
         """Ramp L's logits `[B, C]` from the dense model compiled as one function (no exits)."""
         return np.asarray(_final(self.config, self.step_params, self._check(batch)))
 
-    def ramp_steps(self, batch: dict):
-        """Ramp 1..L logits `[B, C]` of `batch` one layer at a time: a generator, so layer i+1 is
-        dispatched only when the caller asks for it. `send(rows)` (an index array) instead of
-        `next` keeps only those rows of the batch for the layers that follow.
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
 
-        Batches of at least `first_token_steps_from` tokens run the first-token steps
-        (`modeling.first_exit_step` / `exit_step`: an input exiting at layer m pays m - 1 whole
-        layers); smaller ones the plain per-layer step, because there the layer's cost is reading
-        its weights, which the first-token steps do twice (`bench/exit_steps.py`)."""
+    @property
+    def has_lte(self) -> bool:
+        """Whether the ramps also give a learning-to-exit output (`RampOutputs`)."""
+        return self.config.lte
+
+    def step_plan(self, shape: tuple[int, int]) -> StepPlan:
+        """The exit steps a batch of `shape` (rows, length) takes, on host and device: the first-token
+        exit steps from `first_token_steps_from` tokens with ramps that read the first token
+        (mean-pooled ramps read every token of their layer), else the plain layer step, whose last
+        layer first-token ramps need at the first token only."""
+        cls = self.config.ramp_input == "cls"
+        first_token = cls and shape[0] * shape[1] >= self.first_token_steps_from
+        return StepPlan(self.num_layers, first_token, cls and not first_token)
+
+    def ramp_steps(self, batch: dict):
+        """Ramp 1..L logits `[B, C]` of `batch` one layer at a time, by the steps of `step_plan`: a
+        generator, so layer i+1 is dispatched only when the caller asks for it. `send(rows)` (an
+        index array) instead of `next` keeps only those rows of the batch for the layers that follow."""
         batch = self._check(batch)
-        if self.first_token_steps(batch["input_ids"].shape):
-            carry, bias, logits = self.first_exit_step(self.step_params, batch)
-            step = lambda layer, carry, bias: self.exit_step(  # noqa: E731
-                self.layer_params(layer - 1), self.layer_params(layer), self.ramp_params(layer), carry, bias)
-        else:
-            carry, bias = self.embed_step(self.step_params, batch)
-            carry, logits = self.layer_step(self.layer_params(0), self.ramp_params(0), carry, bias)
-            step = lambda layer, carry, bias: self.layer_step(  # noqa: E731
-                self.layer_params(layer), self.ramp_params(layer), carry, bias)
-        for layer in range(1, self.num_layers):
-            rows = yield logits
+        plan = self.step_plan(batch["input_ids"].shape)
+        carry, bias, z = self.first_exit_step(plan.kind(1), self._embeddings(), self.layer_params(0),
+                                              self.ramp_params(0), batch)
+        for layer in range(2, self.num_layers + 1):
+            rows = yield z
             if rows is not None:
                 carry, bias = _take_rows((carry, bias), rows)
-            carry, logits = step(layer, carry, bias)
-        yield logits
+            carry, z = self.exit_step(plan.kind(layer), self._prev_params(plan, layer), self.layer_params(layer - 1),
+                                      self.ramp_params(layer - 1), carry, bias)
+        yield z
+
+    def decided_steps(self, policy: Policy, batch: dict, head_layers: int):
+        """The pipelined latency path's steps (`runners.exit_one`) on a batch of one row: yields
+        `(done, chosen)` device arrays after ramps m = `head_layers`, m + 1, ..., L, each step
+        dispatched before the caller reads the one before. The first call runs layers 1..m (no row
+        can exit before m); every later step does nothing once the previous one's `done` is set."""
+        batch = self._check(batch)
+        plan, m = self.step_plan(batch["input_ids"].shape), head_layers
+        every = policies.reads_every_ramp(policy)
+        ramps = tuple(self.ramp_params(i) if every or i == m - 1 else None for i in range(m))
+        carry, bias, state, done, chosen = self.decided_head_step(
+            plan.kind(m), self._embeddings(), tuple(self.layer_params(i) for i in range(m)), ramps, batch, policy)
+        yield done, chosen
+        for layer in range(m + 1, self.num_layers + 1):
+            carry, state, done, chosen = self.decided_step(
+                plan.kind(layer), self._prev_params(plan, layer), self.layer_params(layer - 1),
+                self.ramp_params(layer - 1), carry, bias, policy, state, done, chosen, np.int32(layer))
+            yield done, chosen
 
     def device_exits(self, batch: dict, policy: Policy):
         """The whole exit loop in one jitted `lax.while_loop`: `(exit_layer [B], outputs [B, C])`."""
         batch = self._check(batch)
-        return device_exits(self.config, self.step_params, batch, policy,
-                            first_token=self.first_token_steps(batch["input_ids"].shape))
+        return _device_exits(self.config, self.step_plan(batch["input_ids"].shape), self.step_params, batch, policy)
 
     def inputs(self, split, rows) -> dict:
         """The padded batch of inputs `rows` of an `EncodedSplit` (the runners' `RampModel.inputs`)."""
         return self.tokenizer.pad([split.rows[i] for i in rows], [split.types[i] for i in rows])
 
-    def first_token_steps(self, shape: tuple[int, int]) -> bool:
-        """Whether a batch of `shape` (rows, length) runs the first-token exit steps (at least
-        `first_token_steps_from` tokens, and ramps that read the first token) rather than the plain
-        layer step, on host and device. Mean-pooled ramps read every token of their layer."""
-        return self.config.ramp_input == "cls" and shape[0] * shape[1] >= self.first_token_steps_from
+    def _embeddings(self) -> dict:
+        return {"backbone": {"embeddings": self.step_params["backbone"]["embeddings"]}}
+
+    def _prev_params(self, plan: StepPlan, layer: int):
+        """What the step of 1-based `layer` >= 2 finishes: layer - 1 on the first-token steps."""
+        return self.layer_params(layer - 2) if plan.first_token else None
 
     @property
     def params(self) -> dict:
@@ -285,116 +312,9 @@ def _int32(x):
     return np.asarray(x, np.int32)
 
 
-# ---- steps that decide: layer, ramp and the policy's step in one call (`runners.exit_one`) ----------
-def _decide(policy: Policy, num_layers: int, layer, z, state, chosen):
-    """`policies.device_decide` for a batch none of whose rows has exited: (state, done, chosen),
-    `done` once every row exits here."""
-    exit_layer = jnp.zeros(chosen.shape[0], jnp.int32)
-    state, exit_layer, chosen = policies.device_decide(policy, num_layers, layer, z, state, exit_layer, chosen)
-    return state, jnp.all(exit_layer > 0), chosen
-
-
-def decided_head_step(cfg, first_token: bool, last: bool, head, layers_p: tuple, ramps_p: tuple, batch,
-                      policy: Policy):
-    """Embeddings (`head`: `{"backbone": {"embeddings": ...}}`) and layers 1..m (m = `len(layers_p)`,
-    at most `policies.earliest_exit(policy)`: no row can exit before layer m), with the policy's
-    steps on the ramps its state reads (`ramps_p[i]`; None for a ramp nothing reads) and on ramp m:
-    (carry, bias, state, done, chosen). One call instead of m: each call costs the CPU ~0.25 ms
-    beyond its layer. `first_token`: layer m by the first-token exit steps
-    (`modeling.first_exit_step`), the carry holding its input and keys/values; `last`: the plain
-    steps' last layer, computed at the first token only (first-token ramps: nothing reads its other
-    tokens, as in the dense model)."""
-    L, m = cfg.num_hidden_layers, len(layers_p)
-    hidden, bias = modeling.embed(cfg, head, batch)
-    size = batch["input_ids"].shape[0]
-    state = policies.init_state(policy, size, jnp)
-    exit_layer, chosen = jnp.zeros(size, jnp.int32), jnp.zeros((size, cfg.num_labels), jnp.float32)
-    for i in range(m - 1):
-        if ramps_p[i] is None:
-            hidden = modeling.Layer(cfg).apply({"params": layers_p[i]}, hidden, bias)
-        else:
-            hidden, z = modeling.layer_ramp_step(cfg, layers_p[i], ramps_p[i], hidden, bias)
-            state, exit_layer, chosen = policies.device_decide(policy, L, i + 1, z, state, exit_layer, chosen)
-    if first_token:
-        kv, z = modeling.first_token_exit(cfg, layers_p[-1], ramps_p[-1], hidden, bias)
-        carry = (hidden, kv)
-    elif last:
-        carry, z = hidden, modeling.first_token_exit(cfg, layers_p[-1], ramps_p[-1], hidden, bias)[1]
-    else:
-        carry, z = modeling.layer_ramp_step(cfg, layers_p[-1], ramps_p[-1], hidden, bias)
-    state, exit_layer, chosen = policies.device_decide(policy, L, m, z, state, exit_layer, chosen)
-    return carry, bias, state, jnp.all(exit_layer > 0), chosen
-
-
-def decided_step(cfg, first_token: bool, last: bool, prev_p, layer_p, ramp_p, carry, bias, policy: Policy,
-                 state, done, chosen, layer):
-    """Layer `layer` (traced, 2..L), its ramp and the policy's step, or nothing once `done` (a
-    device flag the host has not read yet): (carry, state, done, chosen). One compiled step
-    serves every layer, plus one for `last` (see `decided_head_step`); `prev_p`: layer - 1's
-    parameters, which the first-token steps finish."""
-    def run(operands):
-        carry, state, chosen = operands
-        if first_token:
-            carry, z = modeling.exit_step(cfg, prev_p, layer_p, ramp_p, carry, bias)
-        elif last:
-            z = modeling.first_token_exit(cfg, layer_p, ramp_p, carry, bias)[1]
-        else:
-            carry, z = modeling.layer_ramp_step(cfg, layer_p, ramp_p, carry, bias)
-        state, now, chosen = _decide(policy, cfg.num_hidden_layers, layer, z, state, chosen)
-        return carry, state, now, chosen
-
-    def stay(operands):
-        carry, state, chosen = operands
-        return carry, state, done, chosen
-
-    return lax.cond(done, stay, run, (carry, state, chosen))
-
-
 def _dummy_batch():
     ids = jnp.zeros((1, 2), jnp.int32)
     return ids, ids, jnp.ones((1, 2), jnp.int32)
 
 
-# ---- on device: one lax.while_loop (`EarlyExitModel.device_exits`) -------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "first_token"))
-def device_exits(cfg, params, batch, policy: Policy, first_token: bool = False):
-    """Exit loop on the device, with the same steps as `EarlyExitModel.ramp_steps` (`first_token`:
-    the first-token exit steps, else the plain layer step): returns (exit_layer [B], logits [B, C]).
-
-    Layer i of the loop is `lax.switch(i, ...)` over one branch per layer, each reading its own
-    layer's parameters as they are: indexing weights stacked on an L axis with the traced layer
-    number would copy every layer's weights before using them (measured at BERT-base shape, batch 1:
-    all 12 layers 41% slower than the dense model that way, 2% with the switch)."""
-    L = cfg.num_hidden_layers
-    layer_p = [modeling.layer_params(cfg, params, i) for i in range(L)]
-    ramp_p = [modeling.ramp_params(cfg, params, i) for i in range(L)]
-    if first_token:
-        carry, bias, z = modeling.first_exit_step(cfg, params, batch)
-        branch = lambda i: lambda carry: modeling.exit_step(  # noqa: E731
-            cfg, layer_p[i - 1], layer_p[i], ramp_p[i], carry, bias)
-    else:
-        carry, bias = modeling.embed(cfg, params, batch)
-        branch = lambda i: lambda carry: modeling.layer_ramp_step(cfg, layer_p[i], ramp_p[i], carry, bias)  # noqa: E731
-        carry, z = branch(0)(carry)
-    branches = [branch(i) for i in range(1, L)] or [lambda carry: (carry, z)]  # L = 1: the loop never runs
-
-    def step(layer, carry):  # layer: 0-based, 1..L-1, traced
-        return lax.switch(layer - 1, branches, carry)
-
-    def decide(layer, z, state, exit_layer, chosen):  # layer: 1-based, traced
-        return policies.device_decide(policy, L, layer, z, state, exit_layer, chosen)
-
-    def body(loop):
-        layer, carry, state, exit_layer, chosen = loop  # `layer` ramps decided so far
-        carry, z = step(layer, carry)
-        return (layer + 1, carry, *decide(layer + 1, z, state, exit_layer, chosen))
-
-    def cond(loop):
-        layer, _, _, exit_layer, _ = loop
-        return (layer < L) & jnp.any(exit_layer == 0)
-
-    size = batch["input_ids"].shape[0]
-    state, exit_layer, chosen = decide(jnp.int32(1), z, policies.init_state(policy, size, jnp),
-                                       jnp.zeros(size, jnp.int32), jnp.zeros((size, cfg.num_labels), jnp.float32))
-    _, _, _, exit_layer, chosen = lax.while_loop(cond, body, (jnp.int32(1), carry, state, exit_layer, chosen))
-    return exit_layer, chosen
+_device_exits = jax.jit(exit_steps.device_exits, static_argnames=("cfg", "plan"))

@@ -11,11 +11,9 @@ Parameter names mirror Hugging Face's BERT (`embeddings/LayerNorm/scale`,
 Keys are 0-based like Hugging Face's (`ramps/"0"` is ramp 1 of docs/architecture.md). ALBERT's backbone
 holds `num_hidden_groups` layer entries that the L layers share.
 
-The encoder runs whole (`MultiExitEncoder.__call__`) or piecewise (`embed` once, then
-`layer_ramp_step` with layer i's and ramp i's parameters passed in), so one compiled step
-serves every layer. The early-exit runners use `first_exit_step` / `exit_step`, which compute a
-layer at the first token for its ramp first and finish it for the other tokens only when the
-input goes on (see below).
+The encoder runs whole (`MultiExitEncoder.__call__`) or piecewise for early exit
+(`jaxexit.text.exit_steps`: one layer and its ramp per step, with their parameters passed in, from
+`layer_params` and `ramp_params`).
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxexit.exits.types import RampOutputs
 from jaxexit.text.config import EncoderConfig
 
 Params = dict
@@ -50,9 +47,9 @@ class Dense(nn.Module):
     kernel stored transposed, as `kernel_t` `[out, in]` (`transpose_kernels`; PyTorch's Linear layout).
 
     Why: on CPU, XLA's product of a few rows by a kernel is faster when the kernel's rows are the
-    output features (both operands then contract along contiguous memory): the BERT-base-shaped
-    dense model at batch 1 takes 0.73x the time at 32 tokens, ~0.95x at 128, on 2 cores
-    (results/scale_speed_base.md). Training and checkpoints keep `kernel`; `EarlyExitModel` switches to `kernel_t` for inference (`step_params`).
+    output features (both operands then contract along contiguous memory; measured in
+    results/scale_speed_base.md). Training and checkpoints keep `kernel`; `EarlyExitModel` switches
+    to `kernel_t` for inference (`step_params`).
     """
 
     features: int
@@ -341,7 +338,7 @@ class MultiExitEncoder(nn.Module):
                  output_hidden_states: bool = False):
         hidden = self.encode(input_ids, token_type_ids, attention_mask, deterministic)
         logits = self.classify(ramp_input(self.cfg, hidden[1:], attention_bias(attention_mask)), deterministic)
-        if self.cfg.lte and self.is_initializing():  # create its parameters (`ramp_output` and stage 4 run it)
+        if self.cfg.lte and self.is_initializing():  # create its parameters (`exit_steps.ramp_output` and stage 4 run it)
             self.lte(jnp.zeros((1, self.cfg.hidden_size), jnp.float32))
         return logits, (hidden if output_hidden_states else None)
 
@@ -354,7 +351,7 @@ class MultiExitEncoder(nn.Module):
         return self.ramps(features, deterministic)
 
 
-# ---- piecewise ---------------------------------------------------------------------------------
+# ---- parameters of one layer or ramp (the piecewise steps: `jaxexit.text.exit_steps`) ----------------
 def layer_params(cfg: EncoderConfig, params: Params, layer: int) -> Params:
     """Parameters of 0-based layer `layer` (ALBERT: the shared set it uses)."""
     return params["backbone"]["layer"][str(cfg.layer_param_index(layer))]
@@ -370,76 +367,3 @@ def ramp_params(cfg: EncoderConfig, params: Params, layer: int) -> Params:
     if cfg.lte:
         out["lte"] = params["lte"]
     return out
-
-
-def ramp_output(cfg: EncoderConfig, ramp_p: Params, features, rngs=None):
-    """One ramp on its input `[B, H]`: logits `[B, C]`, or `RampOutputs(logits, lte)` with an LTE.
-    Dropout only with `rngs`."""
-    head = {"pooler": ramp_p["pooler"], "classifier": ramp_p["classifier"]}
-    logits, pooled = Ramp(cfg).apply({"params": head}, features, deterministic=rngs is None, rngs=rngs,
-                                     return_pooled=True)
-    if "lte" not in ramp_p:
-        return logits
-    return RampOutputs(logits, LearnedExit(cfg).apply({"params": ramp_p["lte"]}, pooled))
-
-
-def embed(cfg: EncoderConfig, params: Params, batch: dict, rng: jax.Array | None = None):
-    """Embedding step: returns `(hidden [B, T, H], attention bias [B, 1, 1, T])`."""
-    h = Embeddings(cfg).apply(
-        {"params": params["backbone"]["embeddings"]},
-        batch["input_ids"], batch["token_type_ids"], deterministic=rng is None,
-        rngs=None if rng is None else {"dropout": rng},
-    )
-    return h, attention_bias(batch["attention_mask"])
-
-
-def layer_ramp_step(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden, bias,
-                    rng: jax.Array | None = None):
-    """One layer and its ramp: returns `(hidden [B, T, H], logits [B, C])`.
-
-    Takes the layer's and ramp's parameters as arguments, so a jitted version compiles once and
-    serves every layer.
-    """
-    rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 0)}
-    h = Layer(cfg).apply({"params": layer_p}, hidden, bias, deterministic=rng is None, rngs=rngs)
-    rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 1)}
-    return h, ramp_output(cfg, ramp_p, ramp_input(cfg, h, bias), rngs)
-
-
-# ---- early-exit steps: a ramp needs only its layer's first token -------------------------------------
-# Ramp i reads layer i's output at the first token, which takes layer i's keys and values over all
-# tokens but its query, attention and feed-forward at one position only. The exit steps compute
-# that first (about a sixth of a layer: the K and V projections) and finish layer i for the other
-# tokens, reusing those keys and values, only once the input has not exited at ramp i: at the step
-# of layer i+1. An input exiting at layer m so costs (m - 1) layers and m K/V projections, not m
-# layers; XLA makes the same saving in the dense model, whose last layer is needed at one token.
-# It reads the layer's weights twice, though, which costs more than it saves on small batches
-# (`EarlyExitModel.first_token_steps`). Deterministic (inference) only; `layer_ramp_step` is the
-# plain step.
-def first_token_exit(cfg: EncoderConfig, layer_p: Params, ramp_p: Params, hidden, bias):
-    """Layer i at the first token and ramp i: returns `(kv, logits [B, C])`, `kv` being layer i's
-    keys and values over every token (what finishing the layer needs)."""
-    if cfg.ramp_input != "cls":
-        raise ValueError(f"the first-token exit steps need ramp_input 'cls', not {cfg.ramp_input!r}")
-    out, kv = Layer(cfg).apply({"params": layer_p}, hidden, bias, queries=hidden[:, :1], return_kv=True)
-    return kv, ramp_output(cfg, ramp_p, out[:, 0])
-
-
-def first_exit_step(cfg: EncoderConfig, params: Params, batch: dict):
-    """Embeddings, then layer 1 at the first token and ramp 1: returns `(carry, bias, logits [B, C])`.
-
-    `carry = (hidden, kv)`: layer 1's input over all tokens and its keys and values, which
-    `exit_step` needs to finish layer 1.
-    """
-    hidden, bias = embed(cfg, params, batch)
-    kv, logits = first_token_exit(cfg, layer_params(cfg, params, 0), ramp_params(cfg, params, 0), hidden, bias)
-    return (hidden, kv), bias, logits
-
-
-def exit_step(cfg: EncoderConfig, prev_p: Params, layer_p: Params, ramp_p: Params, carry, bias):
-    """Layer i (i >= 2): finish layer i-1 (`prev_p`) for every token, then layer i at the first
-    token and ramp i. Returns `(carry, logits [B, C])`. One compiled step serves every layer."""
-    hidden, kv = carry
-    hidden = Layer(cfg).apply({"params": prev_p}, hidden, bias, kv=kv)
-    kv, logits = first_token_exit(cfg, layer_p, ramp_p, hidden, bias)
-    return (hidden, kv), logits

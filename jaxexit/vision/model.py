@@ -1,23 +1,15 @@
 """Early exit on a multi-exit ResNet (PCEE-BERT section 4.6.4): the text model's policies and runners
 on images, unchanged.
 
-`VisionExitModel` gives a trained `train/train_vision.py` run the interface the runners use on an
-`EarlyExitModel`: `ramp_steps(batch)` (the stem, then one block and its exit per step; `send(rows)`
-keeps only those rows for the blocks that follow), `final_logits(batch)` (the dense network, one
-compiled function, the last exit only), `num_layers` and `config.num_labels`. A batch is
-`{"images": float32 [B, H, W, 3]}`, normalised as the run was trained (`prepare`). The block
-step is compiled once per block structure and input shape (`resnet.block_step`: 5 programs for
-ResNet-56's 27 blocks), not once per block.
-
-Modes, as for text (`jaxexit.exits.runners`), all giving the same exits as `jaxexit.exits.offline` on
-`cached_logits`:
-* `run_latency`: one image at a time, the host reading each exit's logits and deciding before
-  the next block is dispatched (`runners.exit_one(..., pipelined=False)`);
-* `run_batched`: images that exit leave the batch (`runners.exit_batch`, row buckets);
-* `run_on_device`: the whole loop in one jitted function, each block under a `lax.cond` that skips
-  it once every row of the batch has exited (the blocks change shape between stages, so one
-  `lax.while_loop` carry cannot hold them);
-* `cached_logits`: every exit's logits `[L, N, C]` through the same block steps.
+`VisionExitModel` is a `jaxexit.exits.types.RampModel`, so every runner takes it with uint8 images
+`[N, H, W, 3]` as the split (`runners.run_latency(model, policy, pictures)`, `run_batched`,
+`run_on_device`, `cached_logits`, `run_full_latency`, `run_full_batched`), all giving the same exits
+as `jaxexit.exits.offline` on `cached_logits`. A batch is `{"images": float32 [B, H, W, 3]}`,
+normalised as the run was trained (`prepare`). The block step is compiled once per block structure
+and input shape (`resnet.block_step`: 5 programs for ResNet-56's 27 blocks), not once per block.
+Latency mode decides on the host (the model has no `decided_steps`); the device loop is
+`jaxexit.exits.device.exit_loop`, the carry holding one slot per block output shape, since the blocks
+change shape between stages.
 """
 
 from __future__ import annotations
@@ -31,12 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxexit.vision import images, resnet
-from jaxexit.exits import policies, runners
-from jaxexit.training.checkpoint import read_json
+from jaxexit.exits import device
 from jaxexit.exits.policies import Policy
+from jaxexit.training.checkpoint import read_json
+from jaxexit.vision import images, resnet
 from jaxexit.vision.resnet import ResNetConfig, Variables
-from jaxexit.exits.runners import Exits
 
 
 class VisionExitModel:
@@ -64,6 +55,15 @@ class VisionExitModel:
     @property
     def num_layers(self) -> int:
         return self.config.num_layers
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def has_lte(self) -> bool:
+        """No learning-to-exit module (BERxiT's) on the ResNet."""
+        return False
 
     def prepare(self, pictures: np.ndarray) -> dict:
         """uint8 images `[B, H, W, 3]` -> a batch `{"images": float32, normalised}`."""
@@ -121,62 +121,23 @@ def _dense(cfg: ResNetConfig, variables: Variables, pictures):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _device_exits(cfg: ResNetConfig, variables: Variables, pictures, policy: Policy):
-    L = cfg.num_layers
-    size = pictures.shape[0]
+    """`device.exit_loop` over the blocks. A `lax.switch` branch must give one carry shape, and
+    blocks change shape at each stage's first one, so the carry holds one slot per block output
+    shape; block i reads block i-1's slot and writes its own."""
     h = resnet.stem(cfg, variables, pictures)
-    state = policies.init_state(policy, size, jnp)
-    exit_layer = jnp.zeros(size, jnp.int32)
-    chosen = jnp.zeros((size, cfg.num_labels), jnp.float32)
-    for layer in range(L):  # unrolled: a block changes the carry's shape at every stage's first block
-        after = jax.eval_shape(lambda h, layer=layer: resnet.block_step(cfg, variables, layer, h)[0], h)
+    shapes, out = [], h
+    for layer in range(cfg.num_layers):
+        out = jax.eval_shape(lambda x, layer=layer: resnet.block_step(cfg, variables, layer, x)[0], out)
+        shapes.append((out.shape, out.dtype))
+    slots = list(dict.fromkeys(shapes))
+    slot = [slots.index(s) for s in shapes]
+    h, z = resnet.block_step(cfg, variables, 0, h)
+    carry = tuple(h if i == slot[0] else jnp.zeros(shape, dtype) for i, (shape, dtype) in enumerate(slots))
 
-        def run(operands, layer=layer):
-            h, state, exit_layer, chosen = operands
-            h, z = resnet.block_step(cfg, variables, layer, h)
-            return (h, *policies.device_decide(policy, L, jnp.int32(layer + 1), z, state, exit_layer, chosen))
+    def branch(layer):  # 0-based block >= 1
+        def run(carry):
+            h, z = resnet.block_step(cfg, variables, layer, carry[slot[layer - 1]])
+            return carry[:slot[layer]] + (h,) + carry[slot[layer] + 1:], z
+        return run
 
-        def skip(operands, after=after):  # every row has exited: the block is not computed
-            _, state, exit_layer, chosen = operands
-            return jnp.zeros(after.shape, after.dtype), state, exit_layer, chosen
-
-        h, state, exit_layer, chosen = jax.lax.cond(jnp.all(exit_layer > 0), skip, run,
-                                                    (h, state, exit_layer, chosen))
-    return exit_layer, chosen
-
-
-# ---- runners over uint8 images [N, H, W, 3] -------------------------------------------------------------
-def singles(model: VisionExitModel, pictures: np.ndarray) -> list[dict]:
-    """Every image as its own batch of one (the latency runners' inputs)."""
-    return [model.prepare(pictures[i:i + 1]) for i in range(len(pictures))]
-
-
-def chunks(model: VisionExitModel, pictures: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, dict]]:
-    """`(rows, batch)` of `batch_size` images in order, the last one filled up by repeating its first image."""
-    return [(rows, model.prepare(pictures[filled])) for rows, filled in runners.chunk_indices(len(pictures), batch_size)]
-
-
-def run_latency(model: VisionExitModel, policy: Policy, pictures: np.ndarray, warmup: int = 2) -> Exits:
-    return runners.latency(model, policy, singles(model, pictures), warmup, pipelined=False)
-
-
-def run_full_latency(model: VisionExitModel, pictures: np.ndarray, warmup: int = 2) -> tuple[np.ndarray, float]:
-    return runners.full_latency(model, singles(model, pictures), warmup)
-
-
-def run_batched(model: VisionExitModel, policy: Policy, pictures: np.ndarray, batch_size: int = 64,
-                warmup: int = 1) -> Exits:
-    return runners.batched(model, policy, chunks(model, pictures, batch_size), len(pictures), batch_size, warmup)
-
-
-def run_full_batched(model: VisionExitModel, pictures: np.ndarray, batch_size: int = 64, warmup: int = 1):
-    return runners.full_batched(model, chunks(model, pictures, batch_size), len(pictures), warmup)
-
-
-def run_on_device(model: VisionExitModel, policy: Policy, pictures: np.ndarray, batch_size: int = 1,
-                  warmup: int = 1) -> Exits:
-    return runners.on_device(model, policy, chunks(model, pictures, batch_size), len(pictures), warmup)
-
-
-def cached_logits(model: VisionExitModel, pictures: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Every exit's logits `[L, N, C]` through the block steps the live runners use."""
-    return runners.all_outputs(model, chunks(model, pictures, min(batch_size, max(len(pictures), 1))), len(pictures))
+    return device.exit_loop(policy, (carry, z), [branch(layer) for layer in range(1, cfg.num_layers)])

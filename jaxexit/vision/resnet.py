@@ -82,16 +82,6 @@ class ResNetConfig(DictConfig):
         """Blocks, hence exits: 27 for ResNet-56."""
         return self.blocks_per_stage * len(self.widths)
 
-    # The names the text model's config gives these, which the runners read.
-    @property
-    def num_labels(self) -> int:
-        return self.num_classes
-
-    @property
-    def lte(self) -> bool:
-        """No learning-to-exit module (BERxiT's) on the ResNet."""
-        return False
-
 
 class BlockSpec(NamedTuple):
     """What a block's computation depends on besides its parameters' values. Blocks with equal
