@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxexit.text.config import RAMP_INPUTS, RAMP_POOLERS, DictConfig
-from jaxexit.training.configs import config_field
+from jaxexit.text.config import RAMP_INPUTS, RAMP_POOLERS
+from jaxexit.training.configs import DictConfig, config_field
 from jaxexit.training.stages import SCHEME_STAGES, Stage
 
 SCHEMES = tuple(SCHEME_STAGES)

@@ -187,7 +187,7 @@ def _train_stage(job: _Job, stage: Stage, params, total: int, offset: int, resum
     else:
         state = init(params)
     step_fn = jax.jit(functools.partial(steps.train_step, job.mcfg, stage, tx, labels), donate_argnums=(0,))
-    # RBG keys: dropout masks cost a sixth of a step with threefry on CPU, a small fraction with rbg.
+    # RBG keys: dropout masks far cheaper than threefry's on CPU (docs/speed.md#training).
     rng = jax.random.fold_in(jax.random.key(cfg.seed, impl="rbg"), int(stage))
 
     def train_batches(epoch: int, first: int):
@@ -210,8 +210,8 @@ def _train_stage(job: _Job, stage: Stage, params, total: int, offset: int, resum
 
 def ramps_at_label_mean(params: dict, ramps, mean: float) -> dict:
     """`params` with the output bias of ramps `ramps` (0-based) set to `mean`, the training labels'
-    mean (regression): a ramp starting at zero would have squared errors of ~mean^2 (~9 on STS-B)
-    and dominate the joint loss. Other leaves are shared, not copied."""
+    mean (regression): a ramp starting at zero would have squared errors of ~mean^2 and dominate
+    the joint loss (docs/training.md). Other leaves are shared, not copied."""
     out = {**params, "ramps": dict(params["ramps"])}
     for i in ramps:
         ramp = out["ramps"][str(i)]

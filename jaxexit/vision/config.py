@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxexit.text.config import DictConfig
-from jaxexit.training.configs import config_field
+from jaxexit.training.configs import DictConfig, config_field
 from jaxexit.vision import images
 from jaxexit.vision.resnet import ResNetConfig
 
