@@ -53,14 +53,17 @@ def _batch(n=8, t=10, regression=False, seed=0):
             "label": label, "weight": np.ones(n, np.float32)}
 
 
-def _run_steps(model, stage, n=3, **overrides):
+def _run_steps(model, stage, n=3, every=False, **overrides):
+    """(state, metrics) after `n` steps; with `every`, the state after each step (one compilation)."""
     tx, labels = optim.make_optimizer(model.params, stage=stage, num_layers=model.num_layers, lr=1e-2,
                                       total_steps=10, warmup_ratio=0.0, weight_decay=0.01, **overrides)
     state = {"params": model.params, "opt_state": tx.init(model.params), "step": np.int32(0)}
     step = jax.jit(lambda s, b, r: steps.train_step(model.config, stage, tx, labels, s, b, r))
+    states = []
     for i in range(n):
         state, out = step(state, _batch(seed=i, regression=model.config.is_regression), jax.random.key(0, impl="rbg"))
-    return state, out
+        states.append(state)
+    return states if every else (state, out)
 
 
 # ---- what each stage trains ------------------------------------------------------------------
@@ -131,10 +134,11 @@ def test_alternate_loss_is_the_last_ramps_at_even_steps_and_every_ramps_sum_at_o
     before = _leaves(model.params)
     changed = lambda state: {k for k, v in _leaves(state["params"]).items()  # noqa: E731
                              if "bias" in k and not np.array_equal(v, before[k])}
-    first = changed(_run_steps(model, stage=3, n=1)[0])
+    after_one, after_two = _run_steps(model, stage=3, n=2, every=True)
+    first = changed(after_one)
     assert any("'ramps']['2']" in k for k in first) and any("backbone" in k for k in first)
     assert not any("'ramps']['0']" in k or "'ramps']['1']" in k for k in first)
-    second = changed(_run_steps(model, stage=3, n=2)[0])
+    second = changed(after_two)
     assert any("'ramps']['0']" in k for k in second) and any("'ramps']['1']" in k for k in second)
 
 
