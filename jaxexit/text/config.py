@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from jaxexit.training.configs import DictConfig
+
 # Hugging Face `model_type` -> the architecture family jaxexit implements for it.
 ARCHITECTURES = {
     "bert": "bert",
@@ -18,25 +20,6 @@ RAMP_POOLERS = ("per_ramp", "shared")
 RAMP_INPUTS = ("cls", "mean")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class DictConfig:
-    """`replace`, `to_dict` and a strict `from_dict` for the frozen config dataclasses."""
-
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        """Inverse of `to_dict`; unknown keys are an error (a file from another version)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
