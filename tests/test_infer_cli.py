@@ -128,7 +128,7 @@ def test_flags_that_cannot_apply_are_errors(trained_minilm_run, shared_model, ca
         (["--policy", "entropy", "--S", "0.2", "--confidence", "maxprob"], "confidence applies to pcee only"),
     ]:
         with pytest.raises(SystemExit):
-            infer.run(["--checkpoint", ckpt, *argv])
+            infer.run(["--checkpoint", ckpt, "--limit", "16", *argv])  # a later --limit wins
         assert message in capsys.readouterr().err, argv
 
 
