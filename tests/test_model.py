@@ -87,6 +87,23 @@ def test_exit_steps_equal_whole_tiny_and_compile_once(overrides):
     assert model.exit_step._cache_size() == (1 if model.num_layers > 1 else 0)
 
 
+def test_one_layer_models_exit_at_layer_1_in_every_form():
+    """L = 1: the device loop has no branch to switch over and the pipelined path no step after its
+    first call; both give the host steps' logits."""
+    from jaxexit.exits import policies, runners
+
+    model = EarlyExitModel.from_config(tiny_config(num_hidden_layers=1))
+    batch = tiny_batch()
+    policy = policies.make_policy("entropy", 1, 3, S=0.5)
+    want = np.asarray(next(model.ramp_steps(batch)))
+    exit_layer, chosen = model.device_exits(batch, policy)
+    np.testing.assert_array_equal(exit_layer, [1, 1, 1])
+    np.testing.assert_allclose(chosen, want, atol=1e-5, rtol=0)
+    layer, logits = runners.exit_one(model, policy, {k: v[:1] for k, v in batch.items()})
+    assert layer == 1
+    np.testing.assert_allclose(logits, want[0], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("from_tokens", [0, 10**9])
 def test_ramp_steps_keep_the_rows_sent(from_tokens):
     model = EarlyExitModel.from_config(tiny_config())

@@ -13,9 +13,10 @@
   row has exited.
 * `cached_logits` + `jaxexit.exits.offline` one pass keeping every ramp's logits, then any policy.
 
-The runners read a model through `types.RampModel` alone (text and vision alike). Each returns `Exits(exit_layer [N] 1-based, prediction [N], logits [N, C] of the exit ramp)`;
-with the cross-layer ensemble (`policy.ensemble`), `logits` holds what the prediction is made from
-instead: the mean of ramps 1..m's probabilities (regression: outputs), `policies.output`.
+The runners read a model through `types.RampModel` alone (text and vision alike). Each returns
+`Exits(exit_layer [N] 1-based, prediction [N], logits [N, C] of the exit ramp)`; with the
+cross-layer ensemble (`policy.ensemble`), `logits` holds what the prediction is made from instead:
+the mean of ramps 1..m's probabilities (regression: outputs), `policies.output`.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def exit_one(model: RampModel, policy: Policy, batch: dict, pipelined: bool = Tr
              head_layers: int | None = None) -> tuple[int, np.ndarray]:
     """One input (`batch` of one row): returns (exit layer, the prediction's logits [C]).
 
-    `pipelined` (the default, on a model with `decided_steps`): each jitted step runs its layer, its ramp and the policy's step and
-    returns the exit flag; the host queues layer i+1 before it reads ramp i's flag, and stops there
+    `pipelined` (the default, on a model with `decided_steps`): each jitted step runs its layer,
+    its ramp and the policy's step and returns the exit flag; the host queues layer i+1 before it reads ramp i's flag, and stops there
     when the flag is set, while layer i+1, already queued, finds it set on the device and does
     nothing (`lax.cond`). The device so never waits for the host's read and dispatch. The first
     call runs layers 1..`head_layers` (default `policies.earliest_exit(policy)`: pcee with patience
