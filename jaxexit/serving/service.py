@@ -52,7 +52,7 @@ class ActivePolicy:
         return out
 
 
-POLICY_KEYS = ("policy", "confidence", "ensemble", "target_saving", *policies.FLOAT_PARAMS, "patience", "k")
+POLICY_KEYS = ("policy", "confidence", "ensemble", "target_saving", *policies.PARAM_NAMES)
 
 
 class Service:
