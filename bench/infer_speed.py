@@ -67,12 +67,11 @@ def paired_latency(model, policy, split, rounds: int, pipelined: bool = True, he
 
 
 def paired_device(model, policy, split, rounds: int):
-    """`paired` over batch-1 inputs: the on-device loop (`runners.device_exits`) against the full model."""
+    """`paired` over batch-1 inputs: the on-device loop (`EarlyExitModel.device_exits`) against the full model."""
     singles = runners.single_inputs(model, split)
 
     def early(b):
-        first_token = model.first_token_steps(b["input_ids"].shape)
-        jax.block_until_ready(runners.device_exits(model.config, model.step_params, b, policy, first_token=first_token))
+        jax.block_until_ready(model.device_exits(b, policy))
     runners.warm_up(model.final_logits, singles, 1)
     runners.warm_up(early, singles, 1)
     return paired(early, model.final_logits, singles, rounds)

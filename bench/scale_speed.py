@@ -12,7 +12,7 @@ setting (pcee nearest 40% saving on the SST-2 checkpoint given by --checkpoint, 
   a call per layer (`head_layers=1`: every layer decided on, as for a policy that can exit at any
   layer), and with host decisions) against the dense model compiled as one function, input by input in
   alternating order -> `wall_saving / saving`;
-* on-device mode, batch 1 (`runners.device_exits`, one `lax.while_loop`) -> `wall_saving / saving`;
+* on-device mode, batch 1 (`EarlyExitModel.device_exits`, one `lax.while_loop`) -> `wall_saving / saving`;
 * the ceiling of both with plain layer steps: every layer and its ramp by the plain step as one
   function, alternated with the rest -> `1 - (k / L) * t(that) / t(dense)`, over saving (the
   dense model's last layer can cost less than a plain step, so this can be below 1);
@@ -39,7 +39,7 @@ from common import GLUE, MINILM, write_result
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxexit.text import batches, glue, metrics, modeling  # noqa: E402
+from jaxexit.text import batches, exit_steps, glue, metrics, modeling  # noqa: E402
 from jaxexit.exits import offline, policies, runners
 from jaxexit import EarlyExitModel
 from jaxexit.text.config import EncoderConfig  # noqa: E402
@@ -66,15 +66,15 @@ def inputs(model: EarlyExitModel, n: int, length: int, rows: int = 1, seed: int 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def plain_layers(cfg, params, batch):
-    """Every layer with its ramp, by the plain exit step (`modeling.layer_ramp_step`, what latency
+    """Every layer with its ramp, by the plain exit step (`exit_steps.layer_ramp_step`, what latency
     mode runs per layer at batch 1), compiled as one function: k of its L steps are what an exit at
     k costs with no host work at all, so `1 - (k / L) * t(plain_layers) / t(dense)` is the most
     wall saving plain steps can give against the dense model (whose last layer may cost less)."""
-    carry, bias = modeling.embed(cfg, params, batch)
+    carry, bias = exit_steps.embed(cfg, params, batch)
     logits = []
     for i in range(cfg.num_hidden_layers):
-        carry, z = modeling.layer_ramp_step(cfg, modeling.layer_params(cfg, params, i),
-                                            modeling.ramp_params(cfg, params, i), carry, bias)
+        carry, z = exit_steps.layer_ramp_step(cfg, modeling.layer_params(cfg, params, i),
+                                              modeling.ramp_params(cfg, params, i), carry, bias)
         logits.append(z)
     return jnp.stack(logits)
 
@@ -182,7 +182,7 @@ def measure(model: EarlyExitModel, length: int, ks: list[int], mix: np.ndarray |
 
         def device(item):
             b, k = item
-            jax.block_until_ready(runners.device_exits(model.config, model.step_params, b, at[k]))
+            jax.block_until_ready(model.device_exits(b, at[k]))
 
         fns = {"dense": lambda item: model.final_logits(item[0]),
                "plain_layers": lambda item: jax.block_until_ready(

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxexit.text.config import DictConfig
+from jaxexit.training.configs import DictConfig
 
 Variables = dict[str, Any]
 
