@@ -1,9 +1,6 @@
-"""Train a multi-exit ResNet on CIFAR (what the console script `jaxexit-train-vision` does).
+"""Train a multi-exit ResNet on CIFAR: `python train/train_vision.py --help` shows the flags and examples.
 
-    python train/train_vision.py --config cifar10 --data-dir /tmp/cifar10     # image folder {train,test}/<class>/*
-    python train/train_vision.py --config cifar100                            # tensorflow-datasets (online)
-    python train/train_vision.py --config cifar10 --epochs 164 --schedule step   # He et al.'s full recipe
-    python train/train_vision.py --resume runs/cifar10-resnet56-20261121-101500
+The same as the console script `jaxexit-train-vision`; the code is in `jaxexit/cli/train_vision.py`.
 """
 
 from jaxexit.cli.train_vision import main

@@ -1,12 +1,5 @@
 """`jaxexit-infer` (`infer/run.py`): early-exit inference with a fine-tuned checkpoint.
 
-    jaxexit-infer --patience 2 --tau 0.2                 # PCEE on dev of the latest run
-    jaxexit-infer --policy entropy --S 0.3 --mode batched --batch-size 64
-    jaxexit-infer --sweep                                 # every policy over a grid (offline)
-    jaxexit-infer --policy pcee --patience 2 --target-saving 0.4   # patience fixed, tau calibrated
-    jaxexit-infer --patience 2 --tau 0.9 --confidence maxprob --ensemble   # PCEE-BERT-v1, ensemble
-    echo "a gripping film" | jaxexit-infer --patience 2 --tau 0.2 --text -
-
 Loads a run, picks inputs, runs a policy in a mode, times it against the full model and reports
 (summary, JSON, predictions); or sweeps and calibrates offline. The work is done by
 `jaxexit.analysis.inference`; this module holds the flags, the printing and stdin.
