@@ -1,5 +1,8 @@
-"""The HTTP service: the engine (dynamic batches whose rows exit individually, the active policy,
-the calibration table, the latency controller, Prometheus metrics; `engine`) and its API (`app`).
+"""The HTTP service: the engine (dynamic batches whose rows exit individually; `engine`), the
+active policy and request handling (`service`, with `build_service` assembling a run into a
+service), the calibration table that maps a target saving to thresholds (`table`), the latency
+controller (`controller`), Prometheus metrics (`metrics`), request errors (`errors`) and the
+FastAPI app (`app`).
 
 May import: `jaxexit.exits`, `jaxexit.text`, `jaxexit.training`.
 """
