@@ -5,8 +5,8 @@ A model gives its first step's result and one branch per later layer; layer i of
 `lax.switch(i, branches)`, each branch reading its own layer's parameters as they are. Indexing
 weights stacked on an L axis with the traced layer number instead would copy every layer's weights
 before using them (at BERT-base shape, batch 1, that made running every layer far slower than the
-dense model; with the switch it costs about what the dense model does). Branches must agree on the carry's shapes; a model whose layers change
-shape (the ResNet's stages) carries one slot per shape.
+dense model; with the switch it costs about what the dense model does). Branches must agree on the
+carry's shapes; a model whose layers change shape (the ResNet's stages) carries one slot per shape.
 """
 
 from __future__ import annotations
