@@ -61,15 +61,39 @@ def minilm():
 @pytest.fixture(scope="session")
 def trained_minilm_run(tmp_path_factory):
     """MiniLM fine-tuned briefly on SST-2 (two stages, 40 steps each): a real checkpoint for
-    training and inference tests."""
+    training and inference tests. Trained once per session: the pytest-xdist workers share it
+    through a lock in their common temporary directory (the first to ask trains, the others wait
+    and read it)."""
+    from filelock import FileLock
+
     from jaxexit.text.train_config import TrainConfig
     from jaxexit.text.trainer import finetune
+    from jaxexit.training.checkpoint import RunDir
 
-    cfg = TrainConfig(task="sst2", model=str(require(MINILM)), data_dir=str(require(GLUE / "SST-2")),
-                      scheme="two_stage", max_steps=40, batch_size=16, lr=2e-4, epochs=1.0,
-                      max_train_examples=2000, max_eval_examples=200, eval_batch_size=100,
-                      output_dir=str(tmp_path_factory.mktemp("runs")), run_name="minilm", log_every=10)
-    return finetune(cfg, progress=False)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common directory for this session
+    runs = root / "shared-runs"
+    with FileLock(str(root / "minilm-run.lock")):
+        if (runs / "minilm" / "summary.json").is_file():
+            return RunDir(runs / "minilm")
+        cfg = TrainConfig(task="sst2", model=str(require(MINILM)), data_dir=str(require(GLUE / "SST-2")),
+                          scheme="two_stage", max_steps=40, batch_size=16, lr=2e-4, epochs=1.0,
+                          max_train_examples=2000, max_eval_examples=200, eval_batch_size=100,
+                          output_dir=str(runs), run_name="minilm", log_every=10)
+        return finetune(cfg, progress=False)
+
+
+# The slowest test files first, so that the two workers (each taking whole files) do not end with one
+# long file alone; the second starts on a file that needs no trained run while the first trains it.
+# The rest keep their order after these.
+SLOWEST_FILES = ("test_runners.py", "test_range_ends.py", "test_infer_cli.py", "test_training.py", "test_serve.py",
+                 "test_lte.py", "test_readme.py", "test_notebooks.py", "test_ramp_input.py", "test_vision_infer.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))  # stable: order within a file kept
 
 
 @pytest.fixture(autouse=True)
