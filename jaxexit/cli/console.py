@@ -18,6 +18,7 @@ import logging
 import sys
 
 from jaxexit.training import logs
+from jaxexit.training.checkpoint import Stopped
 
 # Exceptions that mean the user asked for something that cannot be done (as opposed to a bug).
 USER_ERRORS = (ValueError, OSError, ImportError)
@@ -73,6 +74,25 @@ def stopped(exc: BaseException) -> None:
     the message on one line, exit status 130 (the shell's for an interrupted command)."""
     print(f"stopped: {exc}", file=sys.stderr)
     raise SystemExit(130)
+
+
+def train(job):
+    """`job()` for a training command (building its config included, so that a bad flag value is a
+    user error too): a stop (`checkpoint.Stopped`) ends it with status 130, a user error with
+    status 2 (`stopped`, `fail`)."""
+    try:
+        return job()
+    except Stopped as e:
+        stopped(e)
+    except USER_ERRORS as e:
+        fail(str(e), e)
+
+
+def report_run(run, results_dir: str | None) -> None:
+    """Where a finished run is (and its log), and where its results were copied (`--results-dir`)."""
+    print(f"run directory: {run.path} (log: {run.path / logs.LOG_FILE})")
+    if results_dir:
+        print(f"results copied to {run.export_results(results_dir)}")
 
 
 class Parser(argparse.ArgumentParser):

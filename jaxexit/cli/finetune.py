@@ -15,8 +15,7 @@ import argparse
 from jaxexit.cli import console, flags
 from jaxexit.text.train_config import PRESETS, TrainConfig, preset
 from jaxexit.text.trainer import finetune
-from jaxexit.training.checkpoint import RunDir, Stopped
-from jaxexit.training.logs import LOG_FILE
+from jaxexit.training.checkpoint import RunDir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,15 +42,8 @@ def run(argv=None) -> RunDir:
     error exits with status 2, a stop (Ctrl-C, SIGTERM) with 130."""
     args = build_parser().parse_args(argv)
     console.setup()  # console: progress, tables, warnings, errors; the rest -> <run>/train.log
-    try:
-        out = finetune(config(args), resume=args.resume, progress=not args.no_progress)
-    except Stopped as e:
-        console.stopped(e)
-    except console.USER_ERRORS as e:
-        console.fail(str(e), e)
-    print(f"run directory: {out.path} (log: {out.path / LOG_FILE})")
-    if args.results_dir:
-        print(f"results copied to {out.export_results(args.results_dir)}")
+    out = console.train(lambda: finetune(config(args), resume=args.resume, progress=not args.no_progress))
+    console.report_run(out, args.results_dir)
     return out
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 
 from jaxexit.cli import console, flags
-from jaxexit.training.checkpoint import Stopped
-from jaxexit.training.logs import LOG_FILE
 from jaxexit.vision.config import PRESETS, VisionTrainConfig, preset
 from jaxexit.vision.train import TrainResult, format_table, train
 
@@ -46,21 +44,14 @@ def run(argv=None) -> TrainResult:
     user error exits with status 2, a stop (Ctrl-C, SIGTERM) with 130."""
     args = build_parser().parse_args(argv)
     console.setup()  # console: progress, tables, warnings, errors; the rest -> <run>/train.log
-    try:
-        result = train(config(args), resume=args.resume, progress=not args.no_progress)
-    except Stopped as e:
-        console.stopped(e)
-    except console.USER_ERRORS as e:
-        console.fail(str(e), e)
+    result = console.train(lambda: train(config(args), resume=args.resume, progress=not args.no_progress))
     summary, out = result.summary, result.run
     print(f"\n{summary['data']}: test accuracy per exit ({summary['test_examples']} images, eval mode):\n"
           f"{format_table([row['accuracy'] for row in summary['per_layer']['test']])}")
     per_step = summary["seconds_per_step"]
     print(f"final exit: {summary['final_ramp']['test']['accuracy']:.4f} after {summary['steps']} steps"
           + (f"; {per_step:.3f} s/step at batch {result.config.batch_size}" if per_step else ""))
-    print(f"run directory: {out.path} (log: {out.path / LOG_FILE})")
-    if args.results_dir:
-        print(f"results copied to {out.export_results(args.results_dir)}")
+    console.report_run(out, args.results_dir)
     return result
 
 
