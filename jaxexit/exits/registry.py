@@ -64,6 +64,10 @@ class PolicySpec:
     implied_by: tuple[str, ...] = ()   # CLI: parameter flags that, without --policy, name this policy
     implied_with: tuple[str, ...] = ()  # ... and the others it may come with
     implied_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # which way each parameter saves layers: +1 where a larger value exits earlier, -1 where a smaller
+    # one does (of a policy, since pcee's tau turns with its confidence); risk calibration walks the
+    # last open parameter from its safest value outward (exits/risk.py)
+    faster: Callable[[Any], Mapping[str, int]] = lambda policy: {}
 
     def param(self, key: str) -> Param | None:
         return next((p for p in self.params if p.name == key), None)
@@ -119,7 +123,7 @@ def threshold_rule(measure: Callable, key: str, above: bool, reads_lte: bool = F
     def fires(block, m, L, N):
         return m[:, None] > col(block, key) if above else m[:, None] < col(block, key)
 
-    return dict(step=step, measure=layer_measure, fires=fires)
+    return dict(step=step, measure=layer_measure, fires=fires, faster=lambda policy: {key: -1 if above else 1})
 
 
 def _count(policy, batch_size, xp):
@@ -179,6 +183,7 @@ register(PolicySpec(
     step=_pcee_step, fires=_pcee_fires, grid=_pcee_grid,
     measure=lambda policy, logits, lte: pcee_confidence(policy)[0](lte if policy.needs_lte else logits),
     earliest=lambda policy: policy["patience"], init=_count, softmax=True, confidence=True,
+    faster=lambda policy: {"patience": -1, "tau": -1 if pcee_confidence(policy)[1] else 1},
     implied_by=("tau",), implied_with=("patience",), implied_defaults={"patience": 1}))
 
 
@@ -235,7 +240,8 @@ register(PolicySpec(
      Param("delta", float, 0.0, math.inf, "agreement tolerance (regression only)", regression_only=True)),
     step=_pabee_step, fires=_pabee_fires, grid=_pabee_grid,
     measure=lambda policy, logits, lte: measures.prediction(logits),
-    earliest=lambda policy: policy["patience"] + 1, init=_pabee_init, implied_by=("patience", "delta")))
+    earliest=lambda policy: policy["patience"] + 1, init=_pabee_init, implied_by=("patience", "delta"),
+    faster=lambda policy: {"patience": -1, "delta": 1}))
 
 
 # ---- static(k): everyone exits at layer k; budgeted exit --------------------------------------------
@@ -247,7 +253,7 @@ register(PolicySpec(
     fires=lambda block, m, L, N: np.broadcast_to(np.arange(1, L + 1)[:, None, None] >= col(block, "k"),
                                                  (L, len(block), N)),
     grid=lambda L, C, confidence: [{"k": k} for k in range(1, L + 1)],
-    earliest=lambda policy: policy["k"], implied_by=("k",)))
+    earliest=lambda policy: policy["k"], implied_by=("k",), faster=lambda policy: {"k": -1}))
 
 
 # ---- berxit(t): exit when the LTE's predicted error u < t; BERxiT ------------------------------------------
