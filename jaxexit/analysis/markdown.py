@@ -220,3 +220,52 @@ def load_analyses(paths) -> list[dict]:
             raise FileNotFoundError(f"no analysis.json under {p}")
         found += [json.loads(f.read_text()) for f in files]
     return found
+
+
+# ---- certified exit settings (`jaxexit.analysis.risk`) ------------------------------------------------
+def _setting(row: dict) -> str:
+    if row["full_model"]:
+        return "full model"
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+
+
+def risk_tables(result: dict, title: str) -> str:
+    """Markdown of one run's `jaxexit.analysis.risk.analyze`: the certified table, then the violations."""
+    delta, tol = result["risk_delta"], result["tolerance"]
+    out = [f"## Certified exit settings: {title}", ""]
+    if result.get("command"):
+        out += [f"Made by: `{result['command']}`", ""]
+    out += [f"Each setting is chosen on the calibration half ({result['calibration_n']} inputs, split seed "
+            f"{result['split_seed']}) and measured on the report half ({result['report_n']}). *Certified*: "
+            f"Learn then Test ({result['method']} p-values, delta {delta}): with probability >= {1 - delta:g} "
+            "its risk on new inputs is <= eps; `bound` is its upper confidence bound. *Today's rule*: the "
+            "largest calibration saving whose calibration risk is <= eps, no guarantee. Risks: `consistency` = the "
+            "exit's prediction differs from the full model's (no labels), `drop` = the full model right and the "
+            "exit wrong" + (f"; regression: outputs more than {tol:g} apart differ" if tol is not None else "")
+            + ". Cells in %.", ""]
+    for risk in result["risks"]:
+        out += [f"### {risk} risk, report half", "",
+                "| policy | eps | certified setting | bound | cal. saving | report risk | report saving | "
+                "today's rule setting | report risk | report saving |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in result["table"] if r["risk"] == risk):
+            c, n = r["certified"], r["naive"]
+            flag = " **>eps**" if n["report_risk"] > r["max_risk"] + 1e-12 else ""
+            out.append(f"| {r['policy']} | {100 * r['max_risk']:g} | {_setting(c)} | {100 * c['bound']:.2f} | "
+                       f"{100 * c['calibration_saving']:.1f} | {100 * c['report_risk']:.2f} | "
+                       f"{100 * c['report_saving']:.1f} | {_setting(n)} | {100 * n['report_risk']:.2f}{flag} | "
+                       f"{100 * n['report_saving']:.1f} |")
+        out.append("")
+    v = result["violations"]
+    out += [f"### Broken promises over {v['splits']} random halves (seeds {v['seeds'][0]}..{v['seeds'][1]}), "
+            "consistency risk", "",
+            f"A violation: the report half's realised risk above eps. The certified rule promises at most "
+            f"{100 * delta:g}% of splits; `certified in` counts the splits where any setting was certified "
+            "(else the full model).", "",
+            "| policy | eps | today's rule: violations | mean saving | certified: violations | mean saving | "
+            "certified in |", "|---|---|---|---|---|---|---|"]
+    for r in v["rows"]:
+        n, c = r["naive"], r["certified"]
+        out.append(f"| {r['policy']} | {100 * r['max_risk']:g} | {100 * n['rate']:.0f}% | "
+                   f"{100 * n['mean_report_saving']:.1f} | {100 * c['rate']:.0f}% | "
+                   f"{100 * c['mean_report_saving']:.1f} | {c['splits_certified']}/{r['splits']} |")
+    return "\n".join(out) + "\n"

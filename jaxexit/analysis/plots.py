@@ -148,3 +148,32 @@ def plot_ensemble(result: dict, rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_risk_violations(result: dict, title: str, path: Path) -> None:
+    """How often the report half's consistency risk exceeded eps over the random halves, today's
+    rule against the certified one, per policy, with delta (the certified rule's promise)."""
+    plt = _pyplot()
+    rows = result["violations"]["rows"]
+    names = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), dpi=120, sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        mine = [r for r in rows if r["policy"] == name]
+        eps = [100 * r["max_risk"] for r in mine]
+        for rule, style, label in (("naive", "o-", "today's rule"), ("certified", "s--", "certified")):
+            ax.plot(eps, [r[rule]["rate"] for r in mine], style, label=label)
+            for x, r in zip(eps, mine):
+                ax.annotate(f"{100 * r[rule]['mean_report_saving']:.0f}%", (x, r[rule]["rate"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+        ax.axhline(result["risk_delta"], color="grey", ls=":", label=f"delta = {result['risk_delta']:g}")
+        ax.set_xticks(eps)
+        ax.set_xlabel("eps, % (consistency risk bound)")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"violation rate over {result['violations']['splits']} splits")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{title}: report-half risk > eps (labels: mean report saving)".replace("`", ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -14,6 +14,9 @@
   at patience 1, 2, 3, 6 over a fine tau grid: score against saving and average exit layer
   against tau (PCEE-BERT Figures 7 and 8, its "any speed-up ratio" claim), PABEE's few
   reachable savings beside it;
+* certified exit settings (`jaxexit.analysis.risk`): per policy and eps, the Learn-then-Test
+  setting against today's rule on the report half, and how often each broke "risk <= eps" over
+  100 random halves (`risk.md`, `risk.json`, `risk_violations.png`);
 * PCEE-BERT's ablations: its confidence variants (-v1 max probability, -v2 the learned exit where
   the checkpoint has an LTE) at the Table 2 savings and as score-saving curves (its Figure 4), and
   every policy with and without the cross-layer ensemble (its Figure 6). A checkpoint with an LTE
@@ -37,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxexit.analysis import compute, inference, plots
+from jaxexit.analysis import risk as risk_analysis
 from jaxexit.analysis.markdown import tables
 from jaxexit.exits import offline, policies, runners
 from jaxexit.text import glue, metrics
@@ -125,6 +129,9 @@ def report(task: glue.Task, outputs, labels: np.ndarray, out_dir, about: dict, t
                             out / "pcee_variants.png")
     plots.plot_ensemble(result, swept(compute.ensemble_labels(outputs)), out / "ensemble.png")
     (out / "tables.md").write_text(tables([result], command=command))
+    # Certified exit settings against today's rule (risk.md, risk.json, risk_violations.png).
+    risk_analysis.write(risk_analysis.analyze(outputs, labels, split_seed=split_seed), out,
+                        risk_analysis.title_of(result), command)
     return result
 
 

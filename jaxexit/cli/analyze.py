@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from jaxexit import analysis
+from jaxexit.analysis import risk as risk_analysis
 from jaxexit.cli import console
 from jaxexit.text import glue
 from jaxexit.training.checkpoint import RunDir
@@ -21,6 +22,7 @@ _USAGE = """The papers' tables and figures for fine-tuned runs (DeeBERT Table 1 
     python infer/analyze.py runs/mrpc-joint --out results/analysis/mrpc-joint
     python infer/analyze.py --tables results/analysis --out results/tables.md
     python infer/analyze.py runs/cifar10-resnet56 --out results/vision/cifar10-resnet56
+    python infer/analyze.py --risk-from results/analysis/mrpc-joint results/vision/cifar10-resnet56
 
 A train/train_vision.py run (multi-exit ResNet) is analysed on its test split the same way, plus
 PCEE-BERT's Table 3 form (PABEE against PCEE at the savings nearest 75/50/25%).
@@ -30,15 +32,22 @@ and writes analysis.json, tables.md, logits.npy, tradeoff.{csv,png}, per_layer.p
 exit_histograms.png and wall_saving.png under --out (for MNLI, whose dev is two splits, under
 --out/validation_matched/ and --out/validation_mismatched/). Thresholds are chosen on a seeded
 random half of the split and reported on the other half. The second gathers every analysis.json
-under the given directories into one markdown file (mean and spread over seeds).
+under the given directories into one markdown file (mean and spread over seeds). --risk-from
+remakes the certified-settings files (risk.md, risk.json, risk_violations.png) of committed analysis
+directories from their logits.npy and the split's labels, without the checkpoint (--data-dir: the
+GLUE root or an image folder; default ../shared/data/glue, ../shared/data/cifar10).
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = console.Parser(description=_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run directories (or, with --tables, analysis directories)")
-    p.add_argument("--out", required=True, help="output directory (with --tables: the markdown file)")
+    p.add_argument("--out", help="output directory (with --tables: the markdown file); required but with --risk-from")
     p.add_argument("--tables", action="store_true", help="gather analysis.json files into tables")
+    p.add_argument("--risk-from", action="store_true",
+                   help="the paths are analysis directories: remake their risk.* files from logits.npy (in place)")
+    p.add_argument("--risk-splits", type=int, default=risk_analysis.SPLITS,
+                   help="random halves the violation counts go over (default %(default)s)")
     p.add_argument("--data-dir", help="GLUE TSV directory, or for a train/train_vision.py run an image folder "
                                       "(default: the data the run was trained on)")
     p.add_argument("--split", default="dev", help="dev (MNLI: matched and mismatched, each analysed) or one split "
@@ -60,7 +69,15 @@ def run(argv=None):
     args = parser.parse_args(argv)
     console.setup(keep_for_file=False)  # warnings and errors; no library chatter
     command = "python infer/analyze.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    if not args.risk_from and not args.out:
+        parser.error("--out is required (except with --risk-from)")
     try:
+        if args.risk_from:
+            for path in args.paths:
+                result = risk_analysis.regenerate(path, args.data_dir, args.risk_splits, command)
+                print(f"wrote {Path(path) / 'risk.md'}, risk.json, risk_violations.png "
+                      f"({len(result['table'])} table rows, {result['violations']['splits']} splits)")
+            return result
         if args.tables:
             text = analysis.tables(analysis.load_analyses(args.paths), command=command)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
