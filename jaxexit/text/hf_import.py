@@ -21,6 +21,7 @@ from jaxexit.text.config import EncoderConfig
 log = logging.getLogger(__name__)
 
 PREFIXES = ("bert.", "roberta.", "albert.")
+PREFIX = {"bert": "bert.", "roberta": "roberta.", "albert": "albert."}  # what save_pretrained writes
 
 # File tensors that are known not to belong to the encoder, and why they are dropped.
 IGNORED = (
@@ -30,6 +31,7 @@ IGNORED = (
     (re.compile(r"^sop_classifier\."), "ALBERT sentence-order head"),
     (re.compile(r"^(classifier|qa_outputs)\."), "task head of another fine-tune (ramps start fresh)"),
     (re.compile(r"(^|\.)(position_ids|token_type_ids)$"), "index buffer saved by old transformers"),
+    (re.compile(r"^early_exit\."), "ramps of a jaxexit export (jaxexit.text.export reads them)"),
 )
 
 # The files a hub download needs: config, safetensors weights, tokenizer.
@@ -37,6 +39,7 @@ HUB_PATTERNS = (
     "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+    "calibration.npz",  # a jaxexit export's calibration table (jaxexit.text.export)
 )
 
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -165,6 +168,12 @@ def _name_map(cfg: EncoderConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
         for suffix, (leaf, transpose) in _KIND[kind].items():
             table[f"{module}.{suffix}"] = (tuple(path.split("/")) + (leaf,), transpose)
     return table
+
+
+def export_names(cfg: EncoderConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """The table the other way, for writing: prefixed file tensor name (`bert.encoder.layer.0...`, as
+    transformers' task classes name them) -> (parameter path, transpose). `load_backbone` reads it back."""
+    return {PREFIX[cfg.arch] + name: entry for name, entry in _name_map(cfg).items()}
 
 
 def _normalise(name: str) -> str:

@@ -111,18 +111,28 @@ class EarlyExitModel:
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, num_labels: int = 2, *,
-                        ramp_pooler: str = "per_ramp", ramp_input: str = "cls", max_length: int | None = None,
+    def from_pretrained(cls, name_or_path: str | os.PathLike, num_labels: int | None = None, *,
+                        ramp_pooler: str | None = None, ramp_input: str | None = None, max_length: int | None = None,
                         seed: int = 0, **config_overrides) -> "EarlyExitModel":
-        """Load a Hugging Face checkpoint (local directory or hub id) and add fresh ramps.
+        """Load a Hugging Face checkpoint (local directory or hub id) and add fresh ramps (defaults:
+        2 labels, per_ramp poolers, cls input).
 
         Reads `config.json`, the safetensors weights and the tokenizer files; no torch needed.
         `max_length` (tokens per input) defaults to 128, or fewer if the checkpoint has fewer positions.
+        A jaxexit export (`save_pretrained`) loads whole, ramps included, unless a setting given here
+        differs from it (`export.from_pretrained_export`: then its backbone only, as above).
         """
+        from jaxexit.text import export
+
         directory = hf_import.resolve(name_or_path)
+        asked = {"num_labels": num_labels, "ramp_pooler": ramp_pooler, "ramp_input": ramp_input, **config_overrides}
+        if export.is_export(directory):
+            model = export.from_pretrained_export(directory, asked, name_or_path, max_length)
+            if model is not None:
+                return model
         config = EncoderConfig.from_hf_file(
-            directory / "config.json", num_labels=num_labels, ramp_pooler=ramp_pooler, ramp_input=ramp_input,
-            **config_overrides
+            directory / "config.json", num_labels=2 if num_labels is None else num_labels,
+            ramp_pooler=ramp_pooler or "per_ramp", ramp_input=ramp_input or "cls", **config_overrides
         )
         limit = config.max_position_embeddings - (config.pad_token_id + 1 if config.arch == "roberta" else 0)
         if max_length is None:
@@ -161,6 +171,13 @@ class EarlyExitModel:
         params = run.load_params(abstract)
         tokenizer = Tokenizer.from_pretrained(run.path / "tokenizer", max_length=run.train_config()["max_length"])
         return cls(config, params, tokenizer, source=str(run.path))
+
+    def save_pretrained(self, out_dir: str | os.PathLike, **kwargs):
+        """Write this model as a Hugging Face checkpoint directory (`jaxexit.text.export.save_pretrained`:
+        `task`, `calibration`, `extra`); `from_pretrained(out_dir)` reads it back exactly."""
+        from jaxexit.text import export
+
+        return export.save_pretrained(self, out_dir, **kwargs)
 
     @classmethod
     def from_config(cls, config: EncoderConfig, seed: int = 0, tokenizer: Tokenizer | None = None):
