@@ -51,9 +51,12 @@ def test_today_rule_breaks_its_promise_the_certified_one_keeps_it(run):
         assert r["naive"]["rate"] >= 0.15, r                 # lands at risk ~eps: often over it
         assert r["certified"]["rate"] <= 0.2, r              # at most delta = 0.1, up to 100 splits' noise
         assert r["naive"]["rate"] > r["certified"]["rate"], r
+        assert r["certified"]["population_rate"] <= 0.1, r    # the certificate's own claim, on all 2000
         assert r["certified"]["mean_report_saving"] < r["naive"]["mean_report_saving"]  # the guarantee's cost
         assert r["certified"]["mean_report_saving"] > 0.05  # certified, yet saving
     assert sum(r["naive"]["violations"] for r in rows) > 3 * sum(r["certified"]["violations"] for r in rows)
+    assert sum(r["naive"]["population_violations"] for r in rows) > 3 * sum(
+        r["certified"]["population_violations"] for r in rows)
 
 
 def test_table_is_certify_on_the_calibration_half_and_measured_on_the_report_half(run):

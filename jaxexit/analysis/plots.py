@@ -160,8 +160,10 @@ def plot_risk_violations(result: dict, title: str, path: Path) -> None:
     for ax, name in zip(axes[0], names):
         mine = [r for r in rows if r["policy"] == name]
         eps = [100 * r["max_risk"] for r in mine]
-        for rule, style, label in (("naive", "o-", "today's rule"), ("certified", "s--", "certified")):
-            ax.plot(eps, [r[rule]["rate"] for r in mine], style, label=label)
+        for rule, style, label in (("naive", "o-", "today's rule"), ("certified", "s-", "certified")):
+            line, = ax.plot(eps, [r[rule]["rate"] for r in mine], style, label=f"{label}, report half")
+            ax.plot(eps, [r[rule]["population_rate"] for r in mine], ":", marker=style[0], color=line.get_color(),
+                    alpha=0.6, label=f"{label}, whole split")
             for x, r in zip(eps, mine):
                 ax.annotate(f"{100 * r[rule]['mean_report_saving']:.0f}%", (x, r[rule]["rate"]), fontsize=7,
                             textcoords="offset points", xytext=(4, 4))
