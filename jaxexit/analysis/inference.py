@@ -1,8 +1,9 @@
 """One policy on one split of a text run: its exits in a mode, timed against the full model on
 the same inputs (`run_policy`), the result dict `jaxexit-infer` prints and writes
 (`policy_report`), the GLUE submission files (`write_predictions`); offline, every policy over
-its grid (`sweep`) and one policy calibrated on half the split (`calibrate`). docs/policies.md
-describes the modes and the calibration rule."""
+its grid (`sweep`), one policy calibrated on half the split (`calibrate`, no guarantee) or
+certified (`certify`, Learn then Test: its risk is at most eps with probability 1 - delta).
+docs/policies.md describes the modes and both rules."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxexit.analysis.plots import plot_tradeoff
-from jaxexit.exits import offline, policies, runners
+from jaxexit.exits import offline, policies, risk, runners
 from jaxexit.text import batches, glue, metrics
 from jaxexit.text.model import EarlyExitModel
 
@@ -115,3 +116,49 @@ def calibrate(task: glue.Task, name: str, cached: np.ndarray, labels: np.ndarray
     return {"policy": cal.policy.as_dict(), "fixed": cal.fixed, "chosen": cal.chosen, "rule": cal.rule,
             "split_seed": seed, "calibration_half": cal.calibration, "report_half": cal.heldout,
             "halves": offline.describe_halves(halves, seed)}
+
+
+def risk_report(task: glue.Task, policy: policies.Policy, outputs, labels, *, risk_name: str,
+                tolerance: float | None = None) -> dict:
+    """A setting on labelled inputs: its score, the full model's, the drop, the saving and the
+    realised risk (the risk's mean there)."""
+    metric = metrics.primary_scorer(task)
+    row = offline.with_drop(offline.evaluate(policy, outputs, labels, metric).row(),
+                            offline.full_score(outputs, labels, metric))
+    events, _ = risk.risk_table([policy], outputs, risk_name, labels, tolerance)
+    return {**row, "n": int(len(labels)), "risk": float(events[0].mean())}
+
+
+def certify(task: glue.Task, name: str, cached, labels: np.ndarray | None, *, max_risk: float,
+            delta: float = 0.1, risk_name: str = "consistency", method: str = "binomial",
+            tolerance: float | None = None, fixed: dict | None = None, seed: int = 0,
+            calibration=None) -> dict:
+    """Certify policy `name`'s open parameters (those not in `fixed`) and report the setting.
+
+    Without `calibration`: on a seeded random half of the labelled split `cached` / `labels`
+    (`offline.split_halves`), reported on the other half. With `calibration` (ramp outputs of
+    unlabelled inputs, consistency risk only): on all of them, reported on the whole split when
+    `labels` are given. The result holds the certificate (`risk.Certificate.as_dict`), its one-line
+    `summary`, where it was certified and the `report` row (`risk_report`; None without labels)."""
+    if calibration is None:
+        if labels is None:
+            raise ValueError("certification on the split needs its labels (dev), or unlabelled "
+                             "calibration inputs (--calibration-texts)")
+        cal_rows, report_rows = halves = offline.split_halves(len(labels), seed)
+        cal_outputs, cal_labels = offline.take(cached, cal_rows), np.asarray(labels)[cal_rows]
+        report = (offline.take(cached, report_rows), np.asarray(labels)[report_rows])
+        where = {"split_seed": seed, "halves": offline.describe_halves(halves, seed)}
+    else:
+        if risk_name == "drop":
+            raise ValueError("the drop risk needs labels; unlabelled calibration inputs certify the "
+                             "consistency risk only")
+        cal_outputs, cal_labels = calibration, None
+        report = None if labels is None else (cached, np.asarray(labels))
+        where = {"calibration_inputs": int(offline.parts(calibration)[0].shape[1])}
+    cert = risk.certify(name, cal_outputs, risk=risk_name, max_risk=max_risk, delta=delta,
+                        labels=cal_labels if risk_name == "drop" else None, tolerance=tolerance,
+                        method=method, fixed=fixed)
+    row = None if report is None else risk_report(task, cert.policy, *report, risk_name=risk_name,
+                                                  tolerance=tolerance)
+    return {"certificate": cert.as_dict(), "summary": cert.describe(), "policy": cert.policy.as_dict(),
+            "fixed": dict(fixed or {}), **where, "report": row}

@@ -11,10 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxexit.analysis.inference import calibrate, policy_report, run_policy, sweep, write_json, write_predictions
+from jaxexit.analysis.inference import (calibrate, certify, policy_report, run_policy, sweep, write_json,
+                                        write_predictions)
 from jaxexit.cli import console
 from jaxexit.cli.policy_flags import PARAM_FLAGS, add_policy_flags, policy_from_args, policy_label
-from jaxexit.exits import policies, runners
+from jaxexit.exits import policies, risk, runners
 from jaxexit.text import glue
 from jaxexit.text.inputs import load_inputs, text_inputs
 from jaxexit.text.model import EarlyExitModel
@@ -27,6 +28,8 @@ _USAGE = """Early-exit inference with a fine-tuned checkpoint.
     python infer/run.py --policy entropy --S 0.3 --mode batched --batch-size 64
     python infer/run.py --sweep                                 # every policy over a grid (offline)
     python infer/run.py --policy pcee --patience 2 --target-saving 0.4   # patience fixed, tau calibrated
+    python infer/run.py --policy entropy --max-risk 0.02       # S certified: differs from the full model <= 2%
+    python infer/run.py --policy entropy --max-risk 0.02 --calibration-texts unlabelled.txt
     python infer/run.py --patience 2 --tau 0.9 --confidence maxprob --ensemble   # PCEE-BERT-v1, ensemble
     echo "a gripping film" | python infer/run.py --patience 2 --tau 0.2 --text -
 """
@@ -51,22 +54,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="where to write the result JSON (default: <checkpoint>/infer/...)")
     p.add_argument("--sweep", action="store_true", help="offline: every policy over a grid -> CSV and PNG")
     p.add_argument("--target-saving", type=float,
-                   help="calibrate the parameters not given to the best score with at least this saving")
+                   help="calibrate the parameters not given to the best score with at least this saving on the "
+                        "calibration half (no guarantee on new inputs; --max-risk gives one)")
     p.add_argument("--max-drop", type=float,
-                   help="calibrate the parameters not given to the largest saving within this score drop")
+                   help="calibrate the parameters not given to the largest saving within this score drop on the "
+                        "calibration half (no guarantee on new inputs; --max-risk gives one)")
+    p.add_argument("--max-risk", type=float, metavar="EPS",
+                   help="certify the parameters not given (Learn then Test): the largest saving whose --risk on new "
+                        "inputs is at most EPS with probability >= 1 - --risk-delta")
+    p.add_argument("--risk-delta", type=float, metavar="D",
+                   help="certification: the probability that the guarantee fails (default 0.1)")
+    p.add_argument("--risk", choices=risk.RISKS,
+                   help="certification: consistency (default; the exit's prediction differs from the full model's, "
+                        "needs no labels) | drop (the full model right, the exit wrong)")
+    p.add_argument("--risk-bound", choices=risk.BOUNDS,
+                   help="certification's p-values: binomial (default; the exact tail) | hb (Hoeffding-Bentkus)")
+    p.add_argument("--risk-tolerance", type=float, metavar="T",
+                   help="certification, regression only: outputs further apart than T differ (or are wrong)")
+    p.add_argument("--calibration-texts", metavar="FILE",
+                   help="certify on these unlabelled texts (one per line; pairs: a<TAB>b) instead of half the split; "
+                        "a labelled split then reports the setting on all of it")
     p.add_argument("--split-seed", type=int, default=None,
-                   help="calibration: seed of the random split into calibration and report halves (default 0)")
+                   help="calibration, certification: seed of the random split into calibration and report halves "
+                        "(default 0)")
     return p
 
 
 def check_flags(args) -> None:
     """Refuse a flag out of range, or one that cannot apply to what the other flags ask for
     (ValueError naming it)."""
-    calibrating = args.target_saving is not None or args.max_drop is not None
-    job = "calibration" if calibrating else "--sweep" if args.sweep else None  # the offline jobs
+    targets = [t for t in ("target_saving", "max_drop", "max_risk") if getattr(args, t) is not None]
+    calibrating = bool(targets)
+    certifying = args.max_risk is not None
+    job = ("certification" if certifying else "calibration" if calibrating else "--sweep" if args.sweep
+           else None)  # the offline jobs
+    risk_flags = [f"--{k.replace('_', '-')}" for k in _RISK_FLAGS if getattr(args, k) is not None]
     out_of_range = [
-        (calibrating and args.target_saving is not None and args.max_drop is not None,
-         "give one calibration target: --target-saving or --max-drop, not both"),
+        (len(targets) > 1, "give one calibration target: --target-saving, --max-drop or --max-risk, not more"),
+        (certifying and not 0 < args.max_risk < 1, f"--max-risk must be in (0, 1), got {args.max_risk}"),
+        (args.risk_delta is not None and not 0 < args.risk_delta < 1,
+         f"--risk-delta must be in (0, 1), got {args.risk_delta}"),
+        (args.risk_tolerance is not None and not args.risk_tolerance >= 0,
+         f"--risk-tolerance must be >= 0, got {args.risk_tolerance}"),
+        (args.risk == "drop" and args.calibration_texts is not None,
+         "--risk drop needs labels: --calibration-texts are unlabelled, so they certify the consistency risk only"),
         (args.target_saving is not None and not 0 <= args.target_saving < 1,
          f"--target-saving must be in [0, 1), got {args.target_saving}"),
         (args.max_drop is not None and args.max_drop < 0, f"--max-drop must be >= 0, got {args.max_drop}"),
@@ -80,8 +111,9 @@ def check_flags(args) -> None:
          "--sweep evaluates every policy over its grid (add --target-saving or --max-drop to calibrate one policy)"),
         ([f for f, given in (("--mode", args.mode), ("--output", args.output), ("--text", args.text)) if given and job],
          f"{job} runs offline over cached logits"),
-        (["--split-seed"] if args.split_seed is not None and not calibrating else [],
-         "it applies to calibration (--target-saving / --max-drop) only"),
+        (["--split-seed"] if args.split_seed is not None and (not calibrating or args.calibration_texts) else [],
+         "it applies to calibration (--target-saving / --max-drop / --max-risk) on halves of the split only"),
+        (risk_flags if not certifying else [], "it applies to certification (--max-risk) only"),
         (["--batch-size"] if args.batch_size is not None and not job and (args.mode or "latency") == "latency" else [],
          "latency mode runs one input at a time (use --mode batched or device)"),
     ]
@@ -91,6 +123,9 @@ def check_flags(args) -> None:
     for flags, why in cannot_apply:
         if flags:
             raise ValueError(f"{' '.join(flags)} cannot apply here: {why}")
+
+
+_RISK_FLAGS = ("risk_delta", "risk", "risk_bound", "risk_tolerance", "calibration_texts")  # --max-risk's
 
 
 def format_summary(r: dict) -> str:
@@ -119,12 +154,26 @@ def format_calibration(name: str, cal: dict) -> str:
             f"  calibration half: {_brief(cal['calibration_half'])}\n  report half:      {_brief(cal['report_half'])}")
 
 
+def format_certification(cert: dict) -> str:
+    """The certificate's line, where it was certified, and the setting's report line."""
+    c, r = cert["certificate"], cert["report"]
+    lines = [cert["summary"], "  " + (cert["halves"] if "halves" in cert else
+                                      f"certified on {cert['calibration_inputs']} unlabelled calibration texts")]
+    if r:
+        where = "report half" if "halves" in cert else "the split"
+        lines.append(f"  {where} ({r['n']} inputs): realised {c['risk']} risk {r['risk']:.4f} (max {c['max_risk']}), "
+                     f"saving {r['saving']:.3f}, score {r['score']:.4f} (full {r['full_score']:.4f}, "
+                     f"drop {r['drop']:.4f})")
+    return "\n".join(lines)
+
+
 def side_by_side(task: glue.Task, results: dict) -> str:
     """One line per split with its score, saving and (live modes) wall saving, as GLUE reports
     MNLI's matched and mismatched dev sets."""
     lines = [f"{task.tsv_dir}, side by side:"]
     for split_name, r in results.items():
-        row = r["calibration"]["report_half"] if "calibration" in r else r
+        row = (r["calibration"]["report_half"] if "calibration" in r else
+               r["certification"]["report"] if "certification" in r else r)
         if not row or "score" not in row:
             continue
         wall = f", wall saving {r['wall_saving']:.3f}" if "wall_saving" in r else ""
@@ -142,13 +191,14 @@ def _brief(row: dict | None) -> str:
 def _run(args) -> dict:
     """What the flags `args` ask for; the result dict (per split, for MNLI's two dev sets)."""
     check_flags(args)
+    texts = calibration_lines(args.calibration_texts) if args.calibration_texts else None
     run = resolve_run(args.checkpoint, args.runs_dir)
     train_cfg = run.train_config()
     task = glue.get_task(train_cfg["task"])
     model = EarlyExitModel.from_run(run.path)
     L, C = model.num_layers, model.config.num_labels
     params = {k: getattr(args, k) for k in PARAM_FLAGS}
-    calibrating = args.target_saving is not None or args.max_drop is not None
+    calibrating = any(getattr(args, t) is not None for t in ("target_saving", "max_drop", "max_risk"))
     mode = args.mode or "latency"
     out_dir = run.path / "infer"
 
@@ -165,6 +215,9 @@ def _run(args) -> dict:
         return {"predictions": exits.prediction.tolist(), "exit_layer": exits.exit_layer.tolist()}
 
     data_dir = args.data_dir or train_cfg.get("data_dir")
+    calibration = None  # the unlabelled texts' ramp outputs, certified on once for every split
+    if texts is not None:
+        calibration = runners.cached_logits(model, text_inputs(model, task, texts), args.batch_size or 64)
     results = {}
     splits = glue.resolve_splits(task, args.split)  # MNLI's dev: matched and mismatched
     for split_name in splits:
@@ -173,7 +226,8 @@ def _run(args) -> dict:
         meta = {"task": task.name, "split": split_name, "checkpoint": str(run.path), "num_labels": C}
         tag = split_name if len(splits) > 1 else None  # in output file names given by flags
         if args.sweep or calibrating:
-            results[split_name] = _offline_job(args, task, model, split, labels, meta, params, out_dir, tag)
+            results[split_name] = _offline_job(args, task, model, split, labels, meta, params, out_dir, tag,
+                                               calibration)
         else:
             results[split_name] = _run_job(args, task, model, split, labels, meta, params, mode, out_dir, tag)
     if len(results) == 1:
@@ -184,11 +238,23 @@ def _run(args) -> dict:
     return {"splits": results}
 
 
-def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag) -> dict:
+def calibration_lines(path: str) -> list[str]:
+    """`--calibration-texts`: the file's non-blank lines (ValueError for a missing or empty file)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--calibration-texts {path} does not exist (one text per line; pairs: a<TAB>b)")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"--calibration-texts {path} holds no text (one text per line; pairs: a<TAB>b)")
+    return lines
+
+
+def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag, calibration=None) -> dict:
     split_name = meta["split"]
-    if labels is None:
-        raise ValueError(f"{split_name} has no labels: sweeps and calibration need a labelled split (dev)")
-    cached = runners.cached_logits(model, split, args.batch_size or 64)
+    if labels is None and (args.sweep or calibration is None):
+        raise ValueError(f"{split_name} has no labels: sweeps and calibration need a labelled split (dev), "
+                         "or --max-risk with unlabelled --calibration-texts")
+    cached = None if labels is None else runners.cached_logits(model, split, args.batch_size or 64)
     result = dict(meta)
     if args.sweep:
         csv_path, png, rows = sweep(task, cached, labels, out_dir / f"sweep-{split_name}")
@@ -203,7 +269,16 @@ def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag) -
                         fixed=fixed, seed=seed)
         result["calibration"] = cal
         print(f"{task.tsv_dir} {split_name}: " + format_calibration(name, cal))
-    default = out_dir / f"{'sweep' if args.sweep else 'calibration'}-{split_name}.json"
+    if args.max_risk is not None:
+        name = policy_label(args.policy, params, args.confidence, args.ensemble)
+        fixed = {k: v for k, v in params.items() if v is not None}
+        cert = certify(task, name, cached, labels, max_risk=args.max_risk, delta=args.risk_delta or 0.1,
+                       risk_name=args.risk or "consistency", method=args.risk_bound or "binomial",
+                       tolerance=args.risk_tolerance, fixed=fixed, seed=args.split_seed or 0, calibration=calibration)
+        result["certification"] = cert
+        print(f"{task.tsv_dir} {split_name}: " + format_certification(cert))
+    job = "sweep" if args.sweep else "certification" if args.max_risk is not None else "calibration"
+    default = out_dir / f"{job}-{split_name}.json"
     print(f"wrote {write_json(_named(args.json, default, tag), result)}")
     return result
 
