@@ -172,7 +172,10 @@ def test_too_few_inputs_give_the_full_model_with_the_reason():
     assert "too few" in cert.reason and "needs at least" in cert.reason
     assert cert.describe().startswith("no setting certified") and "full model" in cert.describe()
     ens = risk.certify("entropy+ensemble", logits, max_risk=0.02)
-    assert not ens.policy.ensemble  # the fallback predicts from ramp L, as the full model does
+    assert ens.policy.label == "static" and ens.params == {"k": 4}  # the full model, predicting from ramp L
+    regression = np.repeat(np.random.default_rng(6).normal(size=(4, 60, 1)).astype(np.float32), 1, axis=0)
+    fallback = risk.certify("pabee", regression, max_risk=0.02, tolerance=0.01)
+    assert not fallback.certified and offline.evaluate(fallback.policy, regression).saving == 0.0
 
 
 def test_regression_risks_compare_within_the_tolerance():

@@ -77,12 +77,11 @@ def family(label: str, outputs, risk: str, labels=None, tolerance=None) -> Famil
     order = lt.sequences(label, L, C)
     flat = [policies.make_policy(label, L, C, **s) for seq in order for s in seq]
     events, layers = lt.risk_table(flat, outputs, risk, labels, tolerance)
-    # The fallback is the full model itself (risk 0, every input to layer L), not `lt.full_model`'s
-    # setting: for regression pabee that one (patience 1, delta 0.01) exits early on some inputs.
+    # the fallback: the full model (risk 0, every input to layer L)
     events = np.vstack([events, np.zeros((1, N))])
     layers = np.vstack([layers, np.full((1, N), L)])
     starts = np.cumsum([0] + [len(seq) for seq in order])
-    return Family(label, flat + [lt.full_model(label, L, C, order)], [range(a, b) for a, b in zip(starts[:-1], starts[1:])],
+    return Family(label, flat + [lt.full_model(L, C)], [range(a, b) for a, b in zip(starts[:-1], starts[1:])],
                   events.astype(np.float64), layers.astype(np.float64), L)
 
 

@@ -173,7 +173,8 @@ class Certificate:
     """A setting certified on `n` calibration inputs: with probability >= 1 - `delta` its risk on
     new inputs from the same distribution is at most `max_risk`. `bound` is the upper confidence
     bound on its risk at the level it was tested at (<= max_risk); `certified` is False when no
-    setting was, and `policy` is then the full model (bound 0: its risk is 0 by definition)."""
+    setting was, and `policy` is then the full model, `static` k = L (bound 0: its risk is 0 by
+    definition)."""
 
     policy: Policy
     certified: bool
@@ -255,11 +256,11 @@ def risk_table(settings: Sequence[Policy], outputs, risk: str, labels=None, tole
     return out, exit_layer
 
 
-def full_model(label: str, num_layers: int, num_labels: int, order: list[list[dict]]) -> Policy:
-    """The fallback: the policy's safest setting, which exits at layer L on every input (without
-    the ensemble, which would predict from the mean of all ramps instead of ramp L)."""
-    name, confidence, _ = policies.parse_label(label)
-    return policies.make_policy(policies.compose_label(name, confidence, False), num_layers, num_labels, **order[0][0])
+def full_model(num_layers: int, num_labels: int) -> Policy:
+    """The fallback when nothing is certified: every input to layer L, predicted by ramp L (a
+    policy's own safest setting is not always that: with a parameter held, or pabee's smallest
+    delta for regression, it may still exit)."""
+    return policies.make_policy("static", num_layers, num_labels, k=num_layers)
 
 
 def certify(label: str, outputs, *, risk: str = "consistency", max_risk: float, delta: float = 0.1,
@@ -295,7 +296,7 @@ def certify(label: str, outputs, *, risk: str = "consistency", max_risk: float, 
         need = min_inputs(max_risk, delta / len(order))
         why = (f"{n} inputs are too few (a risk of {max_risk} needs at least {need})" if n < need else
                f"even the safest step of each sequence has risk above what {n} inputs certify at {max_risk}")
-        return Certificate(full_model(label, L, C, order), False, bound=0.0, empirical_risk=0.0, saving=0.0,
+        return Certificate(full_model(L, C), False, bound=0.0, empirical_risk=0.0, saving=0.0,
                            reason=why, **common)
     bound = upper_bound(int(counts[best]), n, delta / len(order), method)
     return Certificate(settings[best], True, bound=min(bound, max_risk), empirical_risk=float(counts[best] / n),
