@@ -412,6 +412,6 @@ def _score_tables(cfg: EncoderConfig, task: glue.Task, calibration: Calibration)
               "other inputs):", "", f"| saving | avg layers | {name} | setting |", "|---|---|---|---|"]
     for key in sorted(best):
         row = best[key]
-        setting = ", ".join(f"{k}={v}" for k, v in row["params"].items())
+        setting = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
         lines.append(f"| {row['saving']:.3f} | {row['avg_layers']:.2f} | {row['score']:.4f} | {setting} |")
     return lines + [""]
