@@ -111,7 +111,8 @@ def test_too_few_inputs_give_the_full_model_and_exit_zero(tmp_path, capsys):
     path = tmp_path / "few.npy"
     np.save(path, logits)
     result, lines = certify_cli(["--outputs", str(path), "--policy", "entropy", "--max-risk", "0.02"], capsys)
-    assert not result["certified"] and result["params"] == {"S": 0.0} and result["saving"] == 0.0
+    assert not result["certified"] and result["saving"] == 0.0
+    assert (result["policy"], result["params"]) == ("static", {"k": 6})  # every input to the last layer
     assert lines[0].startswith("no setting certified") and "too few" in lines[0] and "full model" in lines[0]
     assert json.loads(lines[-1]) == result and "too few" in result["reason"]
 
@@ -261,3 +262,8 @@ def test_max_risk_errors(trained_minilm_run, shared_model, tmp_path, capsys):
             infer.run(["--checkpoint", ckpt, "--policy", "entropy", "--limit", "16", *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert stop.value.code == 2 and len(err) == 1 and message in err[0], (argv, err)
+
+
+def test_every_calibrate_flag_says_what_it_does():
+    for action in calibrate.build_parser()._actions:
+        assert action.help, action.option_strings
