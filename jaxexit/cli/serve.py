@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from jaxexit.cli import console, policy_flags
+from jaxexit.exits import risk
 
 # --help's text (the scripts' usage, as infer/serve.py has always shown it)
 _USAGE = """Serve a fine-tuned run over HTTP; its speed/quality trade-off is turned while it runs.
@@ -15,13 +16,15 @@ _USAGE = """Serve a fine-tuned run over HTTP; its speed/quality trade-off is tur
     python infer/serve.py --checkpoint runs/sst2-joint --target-saving 0.5       # pcee at >= 50% saving
     python infer/serve.py --patience 2 --tau 0.3 --port 8080                      # explicit thresholds
     python infer/serve.py --target-saving 0.25 --latency-slo-ms 150 --max-saving 0.75   # speed follows the load
+    python infer/serve.py --max-risk 0.02 --shadow-rate 0.05     # certified: P(answer != full model's) <= 2%
 
     curl -s localhost:8000/v1/classify -H 'content-type: application/json' -d '{"texts": ["a gripping film"]}'
     curl -s -X PUT localhost:8000/v1/policy -H 'content-type: application/json' -d '{"target_saving": 0.75}'
 
 A target saving maps to the best thresholds of the policy (pcee unless --policy names another; its
 parameters given as flags are held) with at least that saving on the run's labelled dev split.
-Ramp outputs on that split are computed once and stored in <run>/serving/.
+Ramp outputs on that split are computed once and stored in <run>/serving/. A --max-risk target is
+certified there (Learn then Test) and re-certified on shadow traffic by POST /v1/calibrate.
 """
 
 
@@ -32,6 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     policy_flags.add_policy_flags(p)
     p.add_argument("--target-saving", type=float,
                    help="start at the best setting with at least this saving on dev (parameters given are held)")
+    p.add_argument("--max-risk", type=float,
+                   help="start at the setting with the largest saving whose --risk is certified <= this on dev "
+                        "(Learn then Test; nothing certifiable: the full model)")
+    p.add_argument("--risk-delta", type=float, default=0.1,
+                   help="the certificate holds with probability >= 1 - this (default 0.1)")
+    p.add_argument("--risk", choices=risk.RISKS, default="consistency",
+                   help="consistency: the answer differs from the full model's (no labels; default); drop: the "
+                        "full model is right and the exit wrong (dev labels)")
+    p.add_argument("--risk-bound", choices=risk.BOUNDS, default="binomial",
+                   help="the p-value: the exact binomial tail (default) or Hoeffding-Bentkus")
+    p.add_argument("--risk-tolerance", type=float,
+                   help="regression: outputs further apart than this differ (needed there, refused elsewhere)")
+    p.add_argument("--shadow-rate", type=float, default=0.0,
+                   help="fraction of live inputs (drawn at random) also run to the last layer and kept for "
+                        "POST /v1/calibrate (default 0: none)")
+    p.add_argument("--shadow-buffer", type=int, default=5000,
+                   help="the most recent shadowed inputs kept (default 5000)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")
     p.add_argument("--max-batch", type=int, default=32, help="most inputs in one model batch (default 32)")
@@ -73,6 +93,19 @@ def check_flags(args) -> None:
          f"--max-saving must be in [--min-saving, 1), got {args.max_saving}"),
         (args.no_table and (args.target_saving is not None or args.latency_slo_ms is not None),
          "--no-table leaves nothing to map --target-saving or --latency-slo-ms through"),
+        (args.max_risk is not None and not 0 < args.max_risk < 1, f"--max-risk must be in (0, 1), got {args.max_risk}"),
+        (not 0 < args.risk_delta < 1, f"--risk-delta must be in (0, 1), got {args.risk_delta}"),
+        (args.risk_tolerance is not None and not args.risk_tolerance >= 0,
+         f"--risk-tolerance must be >= 0, got {args.risk_tolerance}"),
+        (args.max_risk is not None and args.target_saving is not None, "give --max-risk or --target-saving, not both"),
+        (args.max_risk is not None and args.latency_slo_ms is not None,
+         "--latency-slo-ms moves a target saving; it cannot move a --max-risk target"),
+        (args.max_risk is not None and args.no_table, "--no-table leaves no labelled split to certify --max-risk on"),
+        (args.max_risk is None and (args.risk != "consistency" or args.risk_bound != "binomial"
+                                    or args.risk_tolerance is not None),
+         "--risk, --risk-bound and --risk-tolerance go with --max-risk"),
+        (not 0 <= args.shadow_rate <= 1, f"--shadow-rate must be in [0, 1], got {args.shadow_rate}"),
+        (args.shadow_buffer < 1, f"--shadow-buffer must be >= 1, got {args.shadow_buffer}"),
         (args.control_interval_s <= 0 or args.control_window_s <= 0 or not 0 < args.control_step < 1,
          "--control-interval-s and --control-window-s must be > 0, --control-step in (0, 1)"),
     ]
@@ -88,6 +121,10 @@ def start_policy(args, model) -> dict | None:
     if target is None and args.latency_slo_ms is not None:
         target = args.min_saving
     extra = {"confidence": args.confidence, "ensemble": args.ensemble or None}
+    if args.max_risk is not None:
+        return {"policy": args.policy or "pcee", "max_risk": args.max_risk, "risk_delta": args.risk_delta,
+                "risk": args.risk, "risk_bound": args.risk_bound, "risk_tolerance": args.risk_tolerance,
+                **params, **extra}
     if target is not None:
         return {"policy": args.policy or "pcee", "target_saving": target, **params, **extra}
     if not params and args.policy is None:
@@ -116,10 +153,11 @@ def main(argv=None) -> None:
         check_flags(args)
         service = build_service(
             args.checkpoint, args.runs_dir, start=lambda model: start_policy(args, model), table=not args.no_table,
-            require_table=args.target_saving is not None or args.latency_slo_ms is not None, data_dir=args.data_dir,
+            require_table=any(x is not None for x in (args.target_saving, args.latency_slo_ms, args.max_risk)),
+            data_dir=args.data_dir,
             max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1e3, max_inputs=args.max_inputs,
             compile_cache=False if args.compile_cache == "none" else args.compile_cache or True,
-            control=_control(args))
+            control=_control(args), shadow_rate=args.shadow_rate, shadow_buffer=args.shadow_buffer)
     except console.USER_ERRORS as e:
         console.fail(str(e), e)
     serve(service, args.host, args.port, args.max_body_bytes)

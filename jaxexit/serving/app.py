@@ -1,8 +1,11 @@
 """HTTP in front of a `serving.Service` (FastAPI; pydantic validates the bodies).
 
     POST /v1/classify   {"texts": [...]} or {"pairs": [[a, b], ...]}
-    GET  /v1/policy     the active policy, what the calibration table offers, the controller
-    PUT  /v1/policy     {"policy": "pcee", "patience": 2, "tau": 0.3} or {"target_saving": 0.5}
+    GET  /v1/policy     the active policy (and certificate), what the calibration table offers, the
+                        shadow buffer, the controller
+    PUT  /v1/policy     {"policy": "pcee", "patience": 2, "tau": 0.3}, {"target_saving": 0.5} or
+                        {"max_risk": 0.02, "risk_delta": 0.1, "risk": "consistency"} (certified)
+    POST /v1/calibrate  re-certify the active risk target on the shadow buffer alone
     GET  /healthz       {"status": "ok", ...}
     GET  /metrics       Prometheus text
 
@@ -27,7 +30,7 @@ from jaxexit.serving.service import Service
 log = logging.getLogger(__name__)
 
 
-ENDPOINTS = ("/v1/classify", "/v1/policy", "/healthz", "/metrics")
+ENDPOINTS = ("/v1/classify", "/v1/policy", "/v1/calibrate", "/healthz", "/metrics")
 
 
 class ClassifyRequest(BaseModel):
@@ -149,7 +152,12 @@ def create_app(service: Service, max_body_bytes: int = 1 << 20) -> FastAPI:
             spec = await request.json()
         except ValueError:
             raise RequestError("the body is not JSON") from None
-        active = service.set_policy(spec)
+        active = await asyncio.to_thread(service.set_policy, spec)  # a certification takes a while: not on the loop
+        return {"active": active.describe()}
+
+    @app.post("/v1/calibrate")
+    async def calibrate():
+        active = await asyncio.to_thread(service.calibrate)
         return {"active": active.describe()}
 
     @app.get("/healthz")

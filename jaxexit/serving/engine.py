@@ -7,6 +7,11 @@ batch as they exit. Every batch is padded to a token-length bucket and a row buc
 between them, so no request compiles. A request is answered as soon as its last input exits, while
 the rest of its batch goes on. A batch only ever holds inputs of one policy, so replacing the
 policy never changes or fails a request in flight.
+
+Shadowed inputs (`submit(..., shadow=mask)`) are batched apart: their batch runs every layer,
+keeping every ramp's outputs, and the policy is stepped over those on the host
+(`policies.simulate`, the same exits as live stepping), so their answer is the policy's; the ramp
+outputs go to `on_shadow` before the answer.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 
 import numpy as np
 
-from jaxexit.exits import policies, runners
+from jaxexit.exits import offline, policies, runners
 from jaxexit.serving.metrics import Metrics
 from jaxexit.text.model import EarlyExitModel
 
@@ -56,36 +61,47 @@ class _Item:
     ticket: _Ticket
     position: int
     arrived: float
+    shadow: bool = False
+
+    @property
+    def key(self) -> tuple:
+        """Inputs of one batch share it."""
+        return self.policy, self.shadow
 
 
 class Engine:
     """Runs inputs through the model in dynamic batches, one worker thread.
 
     `submit(rows, types, policy)` returns a future of `(exit_layer [n], outputs [n, C])`
-    (`policies.output`: the exit ramp's logits, or the ensemble's mean).
+    (`policies.output`: the exit ramp's logits, or the ensemble's mean). `on_shadow(policy, ramps
+    [L, n, C], exit_layer [n], outputs [n, C])` hears of every batch of shadowed inputs.
     """
 
     def __init__(self, model: EarlyExitModel, max_batch: int = 32, max_wait_s: float = 0.002,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, on_shadow=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait_s}")
         self.model, self.max_batch, self.max_wait_s, self.metrics = model, max_batch, max_wait_s, metrics
+        self.on_shadow = on_shadow
         self._queue: collections.deque[_Item] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="jaxexit-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: list[list[int]], types: list[list[int]], policy: policies.Policy
-               ) -> concurrent.futures.Future:
+    def submit(self, rows: list[list[int]], types: list[list[int]], policy: policies.Policy,
+               shadow=None) -> concurrent.futures.Future:
+        """Queue inputs under `policy`; `shadow` (bool per input) marks those also run to the end."""
         ticket = _Ticket(len(rows), self.model.config.num_labels)
         now = time.perf_counter()
+        shadow = [False] * len(rows) if shadow is None else [bool(s) for s in shadow]
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            self._queue.extend(_Item(r, t, policy, ticket, i, now) for i, (r, t) in enumerate(zip(rows, types)))
+            self._queue.extend(_Item(r, t, policy, ticket, i, now, s)
+                               for i, (r, t, s) in enumerate(zip(rows, types, shadow)))
             self._cv.notify()
         return ticket.future
 
@@ -105,7 +121,7 @@ class Engine:
             first = self._queue[0]
             deadline = first.arrived + self.max_wait_s
             while not self._closed:
-                ready = sum(item.policy == first.policy for item in self._queue)
+                ready = sum(item.key == first.key for item in self._queue)
                 wait = deadline - time.perf_counter()
                 if ready >= self.max_batch or wait <= 0:
                     break
@@ -113,7 +129,7 @@ class Engine:
             batch, rest = [], collections.deque()
             while self._queue:
                 item = self._queue.popleft()
-                (batch if len(batch) < self.max_batch and item.policy == first.policy else rest).append(item)
+                (batch if len(batch) < self.max_batch and item.key == first.key else rest).append(item)
             self._queue = rest
             return batch
 
@@ -133,7 +149,10 @@ class Engine:
                     batch[js[0]].ticket.done([batch[j].position for j in js], layer, outputs[where])
 
             try:
-                self.run(batch[0].policy, [i.ids for i in batch], [i.types for i in batch], on_exit=answer)
+                if batch[0].shadow:
+                    self._shadowed(batch)
+                else:
+                    self.run(batch[0].policy, [i.ids for i in batch], [i.types for i in batch], on_exit=answer)
             except Exception as e:  # noqa: BLE001 -- the requests get the error; the worker goes on
                 log.exception("batch of %d inputs failed", len(batch))
                 for item in batch:
@@ -142,6 +161,32 @@ class Engine:
                 continue
             if self.metrics is not None:
                 self.metrics.batch_inputs.observe(len(batch))
+
+    def _shadowed(self, batch: list[_Item]) -> None:
+        policy = batch[0].policy
+        ramps, layers, outputs = self.run_shadowed(policy, [i.ids for i in batch], [i.types for i in batch])
+        if self.on_shadow is not None:
+            try:  # before the answer, so that whoever got one finds its input in the buffer
+                self.on_shadow(policy, ramps, layers, outputs)
+            except Exception:  # noqa: BLE001 -- the shadow's bookkeeping must not fail the requests
+                log.exception("shadow buffer")
+        by_ticket: dict[int, list[int]] = {}
+        for j, item in enumerate(batch):
+            by_ticket.setdefault(id(item.ticket), []).append(j)
+        for js in by_ticket.values():
+            batch[js[0]].ticket.done([batch[j].position for j in js], layers[js], outputs[js])
+
+    def run_shadowed(self, policy: policies.Policy, rows: list[list[int]], types: list[list[int]]):
+        """One batch run to the last layer, every ramp kept: (ramp outputs [L, n, C] (`RampOutputs`
+        with an LTE), exit layers [n] and outputs [n, C] of `policy` stepped over them). The padded
+        shapes are `run`'s with no row leaving, which the warm-up compiled."""
+        n = len(rows)
+        size = runners.row_bucket(n, self.max_batch)
+        filled = list(range(n)) + [0] * (size - n)
+        batch = self.model.tokenizer.pad([rows[i] for i in filled], [types[i] for i in filled])
+        ramps = runners.all_outputs(self.model, [(np.arange(n), batch)], n)
+        layers, _ = policies.simulate(policy, ramps)
+        return ramps, layers, offline.exit_outputs(policy, ramps, layers)
 
     def run(self, policy: policies.Policy, rows: list[list[int]], types: list[list[int]], on_exit=None):
         """One batch (at most `max_batch` rows), padded to a length bucket and a row bucket; rows

@@ -32,7 +32,22 @@ class Metrics:
                          registry=r)
         self.policy_changes = Counter("jaxexit_policy_changes", "active policy replaced", ["source"], registry=r)
         self.compiles = Counter("jaxexit_compiles_after_warmup", "XLA compilations after the warm-up", registry=r)
+        self.max_risk = Gauge("jaxexit_max_risk", "the active risk target's max_risk (NaN: no risk target)",
+                              registry=r)
+        self.risk_bound = Gauge("jaxexit_risk_bound", "the active certificate's upper confidence bound on the risk "
+                                "(NaN: no certificate; 0: nothing certified, the full model)", registry=r)
+        self.shadow_inputs = Counter("jaxexit_shadow_inputs", "inputs also run to the last layer (shadowed)",
+                                     registry=r)
+        self.shadow_disagreements = Counter("jaxexit_shadow_disagreements",
+                                            "shadowed inputs served a prediction other than the full model's",
+                                            registry=r)
+        self.shadow_buffer = Gauge("jaxexit_shadow_buffer_inputs", "shadowed inputs in the buffer", registry=r)
+        self.shadow_consistency = Gauge("jaxexit_shadow_consistency_risk",
+                                        "fraction of the buffer's inputs served a prediction other than the full "
+                                        "model's (NaN: empty)", registry=r)
         self.target_saving.set(math.nan)
         self.expected_saving.set(math.nan)
         self.p95.set(math.nan)
         self.realised_saving.set(math.nan)
+        for gauge in (self.max_risk, self.risk_bound, self.shadow_consistency):
+            gauge.set(math.nan)

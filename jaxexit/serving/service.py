@@ -1,5 +1,6 @@
-"""The service: the model, its task, the active policy (explicit, or a target saving mapped through
-the calibration table), the engine, the latency controller and the metrics (`Service`); and its
+"""The service: the model, its task, the active policy (explicit, a target saving mapped through
+the calibration table, or a risk target certified on the table's split or on shadow traffic), the
+engine, the shadow buffer, the latency controller and the metrics (`Service`); and its
 assembly from a run directory, warmed up (`build_service`), which `jaxexit-serve` puts behind HTTP
 (`jaxexit.serving.app`). docs/serving.md describes the service.
 """
@@ -20,11 +21,12 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxexit.exits import offline, policies
+from jaxexit.exits import offline, policies, risk
 from jaxexit.serving.controller import Controller
 from jaxexit.serving.engine import Engine
 from jaxexit.serving.errors import RequestError
 from jaxexit.serving.metrics import Metrics
+from jaxexit.serving.shadow import RISK_KEYS, RiskTarget, ShadowBuffer, served_differs
 from jaxexit.serving.table import CalibrationTable, load_table
 from jaxexit.text import glue
 from jaxexit.text.model import EarlyExitModel
@@ -35,13 +37,18 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ActivePolicy:
-    """The policy new requests get; with `target` set, it came from the calibration table."""
+    """The policy new requests get; with `target` set, it came from the calibration table; with
+    `risk_target` set, from its `certificate` on `certified_on` (the table's split, or the shadow
+    buffer)."""
 
     policy: policies.Policy
     target: float | None = None
     fixed: tuple = ()
     row: dict | None = None  # the table row of the policy (calibration split)
     source: str = "start"
+    risk_target: RiskTarget | None = None
+    certificate: risk.Certificate | None = None
+    certified_on: str = ""
 
     def describe(self) -> dict:
         out = {**self.policy.as_dict(), "target_saving": self.target}
@@ -49,10 +56,13 @@ class ActivePolicy:
             out["fixed"] = dict(self.fixed)
         if self.row is not None:
             out["calibration"] = {"saving": self.row["saving"], "score": self.row["score"], "drop": self.row["drop"]}
+        if self.certificate is not None:
+            out["risk_target"] = self.risk_target.as_dict()
+            out["certificate"] = {**self.certificate.as_dict(), "calibrated_on": self.certified_on}
         return out
 
 
-POLICY_KEYS = ("policy", "confidence", "ensemble", "target_saving", *policies.PARAM_NAMES)
+POLICY_KEYS = ("policy", "confidence", "ensemble", "target_saving", *RISK_KEYS, *policies.PARAM_NAMES)
 
 
 class Service:
@@ -60,13 +70,15 @@ class Service:
 
     def __init__(self, model: EarlyExitModel, task: glue.Task, table: CalibrationTable | None = None, *,
                  max_batch: int = 32, max_wait_s: float = 0.002, max_inputs: int = 256, window: int = 2000,
-                 source: str = ""):
+                 source: str = "", shadow_rate: float = 0.0, shadow_buffer: int = 5000, shadow_seed: int = 0):
         self.model, self.task, self.table, self.max_inputs, self.source = model, task, table, max_inputs, source
         self.metrics = Metrics(model.num_layers)
-        self.engine = Engine(model, max_batch, max_wait_s, self.metrics)
+        self.shadow = ShadowBuffer(shadow_rate, shadow_buffer, shadow_seed)
+        self.engine = Engine(model, max_batch, max_wait_s, self.metrics, on_shadow=self._on_shadow)
         self._active = ActivePolicy(policies.make_policy("static", model.num_layers, model.config.num_labels,
                                                          k=model.num_layers))
         self._lock = threading.Lock()
+        self._changing = threading.Lock()  # one policy change at a time (a certification takes a while)
         self._exits: collections.deque[int] = collections.deque(maxlen=window)
         self._exit_sum = 0  # of self._exits, kept as inputs come and go
         self._latencies: collections.deque[tuple[float, float]] = collections.deque(maxlen=20000)
@@ -97,17 +109,50 @@ class Service:
         return self._active
 
     def set_policy(self, spec: dict, source: str = "api") -> ActivePolicy:
-        """Replace the active policy: `{"policy": name, **params}` (with `confidence`, `ensemble`)
-        or `{"target_saving": x}` (optionally with `policy` and parameters to hold). Raises
-        RequestError naming what is wrong."""
-        active = self.resolve(spec, source)
+        """Replace the active policy: `{"policy": name, **params}` (with `confidence`, `ensemble`),
+        `{"target_saving": x}` or `{"max_risk": eps, ...}` (either optionally with `policy` and
+        parameters to hold). Raises RequestError naming what is wrong."""
+        with self._changing:
+            active = self.resolve(spec, source)
+            self._install(active)
+        return active
+
+    def _install(self, active: ActivePolicy) -> None:
         with self._lock:
             self._active = active
-        self.metrics.policy_changes.labels(source).inc()
+        cert = active.certificate
+        self.metrics.policy_changes.labels(active.source).inc()
         self.metrics.target_saving.set(math.nan if active.target is None else active.target)
-        self.metrics.expected_saving.set(math.nan if active.row is None else active.row["saving"])
-        log.info("policy (%s): %s%s", source, active.policy,
-                 "" if active.target is None else f" for target saving {active.target}")
+        expected = cert.saving if cert is not None else None if active.row is None else active.row["saving"]
+        self.metrics.expected_saving.set(math.nan if expected is None else expected)
+        self.metrics.max_risk.set(math.nan if cert is None else cert.max_risk)
+        self.metrics.risk_bound.set(math.nan if cert is None else cert.bound)
+        why = "" if active.target is None else f" for target saving {active.target}"
+        if cert is not None:
+            why = f": {cert.describe()} ({active.certified_on})"
+        level = logging.WARNING if cert is not None and not cert.certified else logging.INFO
+        log.log(level, "policy (%s): %s%s", active.source, active.policy, why)
+
+    def calibrate(self) -> ActivePolicy:
+        """Re-certify the active risk target on the shadow buffer alone and make its certificate
+        the active policy. RequestError (409) when the active policy is no consistency risk target
+        or the buffer holds too few inputs for it."""
+        with self._changing:
+            target = self._active.risk_target
+            if target is None:
+                raise RequestError('the active policy is not a risk target: set one first (PUT /v1/policy '
+                                   '{"max_risk": 0.02}), then re-calibrate it on shadow traffic', status=409)
+            if target.risk != "consistency":
+                raise RequestError(f"a {target.risk} risk target cannot be re-certified on shadow traffic: it needs "
+                                   "labels, which live inputs lack; use the consistency risk", status=409)
+            have, need = len(self.shadow), target.min_inputs(self.model.num_layers, self.model.config.num_labels)
+            if have < need:
+                hint = " (start the service with --shadow-rate > 0)" if self.shadow.rate == 0 else ""
+                raise RequestError(f"the shadow buffer holds {have} inputs; certifying a {target.risk} risk of "
+                                   f"{target.max_risk} at delta {target.delta} needs at least {need}{hint}", status=409)
+            active = self._certified(target, target.certify(self.shadow.outputs()),
+                                     f"shadow buffer ({have} inputs)", "calibrate")
+            self._install(active)
         return active
 
     def resolve(self, spec: dict, source: str = "api") -> ActivePolicy:
@@ -124,11 +169,19 @@ class Service:
         confidence, ensemble = spec.get("confidence", "entropy"), spec.get("ensemble", False)
         if not isinstance(ensemble, bool):
             raise RequestError(f"ensemble must be true or false, got {ensemble!r}")
-        params = {k: v for k, v in spec.items() if k not in ("policy", "confidence", "ensemble", "target_saving")}
+        params = {k: v for k, v in spec.items()
+                  if k not in ("policy", "confidence", "ensemble", "target_saving", *RISK_KEYS)}
         for key, value in params.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise RequestError(f"{key} must be a number, got {value!r}")
+        stray = [k for k in RISK_KEYS[1:] if k in spec and "max_risk" not in spec]
+        if stray or ("max_risk" in spec and "target_saving" in spec):
+            raise RequestError(f"{', '.join(stray)}: only with a max_risk (a risk target)" if stray else
+                               "give a target_saving or a max_risk, not both")
         try:
+            if "max_risk" in spec:
+                label = policies.compose_label(name or "pcee", confidence, ensemble)
+                return self._from_risk(RiskTarget.from_spec(spec, label, params), source)
             if "target_saving" in spec:
                 return self._from_table(spec["target_saving"], name or "pcee", confidence, ensemble, params, source)
             if name is None:
@@ -156,13 +209,27 @@ class Service:
             raise RequestError(policies.NEEDS_LTE.format(policy=policy.label))
         return ActivePolicy(policy, float(target), tuple(sorted(fixed.items())), row, source)
 
+    def _from_risk(self, target: RiskTarget, source: str) -> ActivePolicy:
+        if self.table is None:
+            raise RequestError("this service has no calibration table (start it with a labelled split): "
+                               "give explicit thresholds instead of a max_risk")
+        policies.parse_label(target.label)
+        return self._certified(target, target.certify(self.table.outputs, self.table.labels), self.table.source,
+                               source)
+
+    def _certified(self, target: RiskTarget, cert: risk.Certificate, data: str, source: str) -> ActivePolicy:
+        if cert.policy.needs_lte and not self.model.config.lte:
+            raise RequestError(policies.NEEDS_LTE.format(policy=cert.policy.label))
+        return ActivePolicy(cert.policy, fixed=target.fixed, source=source, risk_target=target, certificate=cert,
+                            certified_on=data)
+
     def describe_policy(self) -> dict:
         """The active policy, what the calibration table offers (per policy: the largest target
-        saving it can meet), the realised saving and the controller's settings."""
+        saving it can meet), the realised saving, the shadow buffer and the controller's settings."""
         config = self.model.config
         out = {"active": self._active.describe(), "task": self.task.tsv_dir, "num_layers": self.model.num_layers,
                "policies": list(offline.applicable(config.num_labels, config.lte)),
-               "realised_saving": self.realised_saving()}
+               "realised_saving": self.realised_saving(), "shadow": self.shadow.describe()}
         if self.table is not None:
             out["table"] = {**self.table.summary(), "max_saving": {
                 label: self.table.max_saving(label) for label in offline.applicable(config.num_labels, config.lte)}}
@@ -197,7 +264,18 @@ class Service:
         first, second = self.check_inputs(texts, pairs)
         rows, types = self.model.tokenizer.encode(first, second)
         active = self._active  # the policy of this request, whatever happens after
-        return self.engine.submit(rows, types, active.policy), active, arrived
+        return self.engine.submit(rows, types, active.policy, self.shadow.choose(len(rows))), active, arrived
+
+    def _on_shadow(self, policy, ramps, exit_layer, outputs) -> None:
+        """Shadowed inputs ran to the last layer: into the buffer, with whether their answer
+        differs from the full model's (regression: by more than the risk target's tolerance)."""
+        target = self._active.risk_target
+        differs = served_differs(outputs, ramps, None if target is None else target.tolerance)
+        self.shadow.add(ramps, differs)
+        self.metrics.shadow_inputs.inc(len(differs))
+        self.metrics.shadow_disagreements.inc(int(differs.sum()))
+        self.metrics.shadow_buffer.set(len(self.shadow))
+        self.metrics.shadow_consistency.set(self.shadow.consistency())
 
     def answer(self, active: ActivePolicy, exit_layer: np.ndarray, outputs: np.ndarray, arrived: float) -> dict:
         """The response body, and the request's metrics."""
@@ -255,16 +333,18 @@ def build_service(checkpoint: str | None = None, runs_dir: str = "runs", *,
                   start: dict | Callable[[EarlyExitModel], dict | None] | None = None, table: bool = True,
                   require_table: bool = False, data_dir: str | None = None, max_batch: int = 32,
                   max_wait_s: float = 0.002, max_inputs: int = 256, compile_cache: str | os.PathLike | bool = True,
-                  control: dict | None = None) -> Service:
+                  control: dict | None = None, shadow_rate: float = 0.0, shadow_buffer: int = 5000) -> Service:
     """Load the run (`checkpoint`, else the latest under `runs_dir`), its calibration table on the
     labelled dev split, the service with its first policy, warmed up, and with `control` its latency
     controller started.
 
     `start`: the first policy as a `Service.set_policy` spec, or a function of the model returning
-    one (None: the full model). `require_table`: a missing table is an error (a target saving needs
-    it), else a warning. `compile_cache`: XLA's persistent cache directory (True: `<run>/serving/
-    xla-cache`; False: none). `control`: `Controller` settings (`slo_s`, `min_saving`, `max_saving`
-    (None: the most the active policy reaches on dev), `step`, `interval_s`, `window_s`).
+    one (None: the full model). `require_table`: a missing table is an error (a target saving or a
+    risk target needs it), else a warning. `compile_cache`: XLA's persistent cache directory (True:
+    `<run>/serving/xla-cache`; False: none). `control`: `Controller` settings (`slo_s`,
+    `min_saving`, `max_saving` (None: the most the active policy reaches on dev), `step`,
+    `interval_s`, `window_s`). `shadow_rate`, `shadow_buffer`: shadow traffic (`ShadowBuffer`: that
+    fraction of live inputs also runs to the last layer; the last `shadow_buffer` are kept).
     """
     run = resolve_run(checkpoint, runs_dir)
     if compile_cache is not False:
@@ -279,10 +359,11 @@ def build_service(checkpoint: str | None = None, runs_dir: str = "runs", *,
             calibration = load_table(run, model, task, split, data_dir)
         except (OSError, ValueError) as e:
             if require_table:
-                raise ValueError(f"no calibration table for --target-saving / --latency-slo-ms: {e}") from None
+                raise ValueError(f"no calibration table for --target-saving / --latency-slo-ms / --max-risk: {e}"
+                                 ) from None
             log.warning("no calibration table (target savings refused): %s", e)
     service = Service(model, task, calibration, max_batch=max_batch, max_wait_s=max_wait_s, max_inputs=max_inputs,
-                      source=str(run.path))
+                      source=str(run.path), shadow_rate=shadow_rate, shadow_buffer=shadow_buffer)
     spec = start(model) if callable(start) else start
     if spec is None:
         log.info("no exit policy given: serving the full model (%d layers); turn it with PUT /v1/policy",
