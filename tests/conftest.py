@@ -88,7 +88,7 @@ def trained_minilm_run(tmp_path_factory):
 # long file alone; the second starts on a file that needs no trained run while the first trains it.
 # The rest keep their order after these.
 SLOWEST_FILES = ("test_runners.py", "test_range_ends.py", "test_infer_cli.py", "test_training.py", "test_serve.py",
-                 "test_lte.py", "test_readme.py", "test_notebooks.py", "test_ramp_input.py", "test_vision_infer.py")
+                 "test_export.py", "test_serve_risk.py", "test_lte.py", "test_readme.py", "test_notebooks.py", "test_ramp_input.py", "test_vision_infer.py")
 
 
 def pytest_collection_modifyitems(items):
