@@ -257,6 +257,7 @@ def test_max_risk_errors(trained_minilm_run, shared_model, tmp_path, capsys):
         (["--max-risk", "0.1", "--calibration-texts", str(empty)], "holds no text"),
         (["--max-risk", "0.1", "--risk-tolerance", "0.2"], "applies to regression only"),
         (["--max-risk", "0.1", "--split", "test"], "has no labels"),
+        (["--max-risk", "0.1", "--risk", "drop", "--split", "test"], "the drop risk needs them"),
     ]:
         with pytest.raises(SystemExit) as stop:
             infer.run(["--checkpoint", ckpt, "--policy", "entropy", "--limit", "16", *argv])

@@ -251,6 +251,9 @@ def calibration_lines(path: str) -> list[str]:
 
 def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag, calibration=None) -> dict:
     split_name = meta["split"]
+    if labels is None and args.risk == "drop":
+        raise ValueError(f"{split_name} has no labels, and the drop risk needs them (the full model right, the exit "
+                         "wrong); use a labelled split (dev) or --risk consistency")
     if labels is None and (args.sweep or calibration is None):
         raise ValueError(f"{split_name} has no labels: sweeps and calibration need a labelled split (dev), "
                          "or --max-risk with unlabelled --calibration-texts")
