@@ -226,6 +226,11 @@ def _edit_block(directory, **changes):
     path.write_text(json.dumps(hf))
 
 
+def _edit_top(directory, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def _rewrite(directory, change):
     from safetensors.numpy import load_file, save_file
 
@@ -250,12 +255,38 @@ def _rewrite(directory, change):
      CheckpointError, r"model\.safetensors: the weights hold early_exit\.ramps\.3\.classifier\.bias, .*num_ramps 3"),
     (lambda d: _rewrite(d, lambda t: t.pop("early_exit.lte.dense.bias")), CheckpointError,
      r"lack early_exit\.lte\.dense\.bias, which .*lte True"),
+    (lambda d: _rewrite(d, lambda t: t.update({"early_exit.ramps.0.classifier.bias": np.zeros(3, np.int32)})),
+     CheckpointError, r"tensor 'early_exit\.ramps\.0\.classifier\.bias' has shape \(3,\) \(int32\) .*\(float\)"),
+    (lambda d: (d / "config.json").write_text("{\"model_type\": "), CheckpointError,
+     r"copy/config\.json is not valid JSON"),
+    (lambda d: _edit_block(d, format_version=2), CheckpointError, r"config\.json: early_exit\.format_version is 2"),
+    (lambda d: _edit_block(d, ramp_input="max"), CheckpointError,
+     r"config\.json: early_exit\.ramp_input is 'max' but early_exit\.encoder_config says 'cls'"),
+    (lambda d: _edit_block(d, encoder_config=None), CheckpointError,
+     r"config\.json: early_exit\.encoder_config is missing or not an object"),
+    (lambda d: _edit_top(d, id2label={"0": "a", "1": "b"}), CheckpointError,
+     r"config\.json: id2label \(num_labels\) is 2 but early_exit\.encoder_config says 3"),
 ])
 def test_bad_directories_fail_with_one_clear_error(exported, tmp_path, damage, error, match):
     directory = _copy(exported[1], tmp_path)
     damage(directory)
     with pytest.raises(error, match=match):
         export.load_pretrained(directory)
+
+
+@pytest.mark.parametrize("damage,error,match", [
+    (lambda d: (d / "calibration.npz").unlink(), FileNotFoundError,
+     r"copy/config\.json names the calibration table calibration\.npz, which is not there"),
+    (lambda d: np.savez(d / "calibration.npz", logits=np.zeros((3, 20, 2), np.float32), labels=np.zeros(20),
+                        meta=np.array("{}")), CheckpointError, r"calibration\.npz: logits have shape \(3, 20, 2\)"),
+    (lambda d: (d / "calibration.npz").write_bytes(b"not a table"), CheckpointError,
+     r"calibration\.npz: not a calibration table"),
+])
+def test_bad_calibration_tables_fail_with_one_clear_error(exported, tmp_path, damage, error, match):
+    directory = _copy(exported[1], tmp_path)
+    damage(directory)
+    with pytest.raises(error, match=match):
+        export.read_table(directory)
 
 
 def test_plain_checkpoint_is_not_an_export(tmp_path):

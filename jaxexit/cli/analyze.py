@@ -12,8 +12,11 @@ from pathlib import Path
 
 from jaxexit import analysis
 from jaxexit.analysis import risk as risk_analysis
+from jaxexit.analysis.report import report
 from jaxexit.cli import console
-from jaxexit.text import glue
+from jaxexit.exits import runners
+from jaxexit.text import checkpoints, glue
+from jaxexit.text.inputs import load_inputs
 from jaxexit.training.checkpoint import RunDir
 
 # --help's text (the scripts' usage, as infer/analyze.py has always shown it)
@@ -23,6 +26,7 @@ _USAGE = """The papers' tables and figures for fine-tuned runs (DeeBERT Table 1 
     python infer/analyze.py --tables results/analysis --out results/tables.md
     python infer/analyze.py runs/cifar10-resnet56 --out results/vision/cifar10-resnet56
     python infer/analyze.py --risk-from results/analysis/mrpc-joint results/vision/cifar10-resnet56
+    python infer/analyze.py exported/sst2 --out results/analysis/sst2-export   # an export: its calibration table
 
 A train/train_vision.py run (multi-exit ResNet) is analysed on its test split the same way, plus
 PCEE-BERT's Table 3 form (PABEE against PCEE at the savings nearest 75/50/25%).
@@ -36,12 +40,15 @@ under the given directories into one markdown file (mean and spread over seeds).
 remakes the certified-settings files (risk.md, risk.json, risk_violations.png) of committed analysis
 directories from their logits.npy and the split's labels, without the checkpoint (--data-dir: the
 GLUE root or an image folder; default ../shared/data/glue, ../shared/data/cifar10).
+
+An exported directory (jaxexit-export) is analysed from its calibration table, with no data and no
+wall-saving timing (the table holds ramp outputs, not texts); with --data-dir, from that data, timed.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = console.Parser(description=_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="run directories (or, with --tables, analysis directories)")
+    p.add_argument("paths", nargs="+", help="run or exported directories (or, with --tables, analysis directories)")
     p.add_argument("--out", help="output directory (with --tables: the markdown file); required but with --risk-from")
     p.add_argument("--tables", action="store_true", help="gather analysis.json files into tables")
     p.add_argument("--risk-from", action="store_true",
@@ -88,6 +95,8 @@ def run(argv=None):
             parser.error("give one run directory (or --tables)")
         if args.timing_inputs < 0:
             parser.error(f"--timing-inputs must be >= 0, got {args.timing_inputs}")
+        if checkpoints.is_export_dir(args.paths[0]):
+            return _analyze_export(checkpoints.resolve_checkpoint(args.paths[0]), args, command)
         run_dir = RunDir(args.paths[0])
         text_run = (run_dir.path / "train_config.json").is_file() and not analysis.is_vision_run(run_dir.path)
         task = glue.get_task(run_dir.train_config()["task"]) if text_run else None
@@ -102,6 +111,44 @@ def run(argv=None):
         return results[splits[0]] if len(splits) == 1 else results
     except console.USER_ERRORS as e:
         console.fail(str(e), e)
+
+
+def _analyze_export(source: checkpoints.ExportDir, args, command: str):
+    """The analyses of an exported directory: over its calibration table (no data; no wall-saving timing,
+    the table holding ramp outputs, not texts), or with --data-dir over that split, timed."""
+    task = source.task()
+    splits = glue.resolve_splits(task, args.split)
+    model = source.load_model() if args.data_dir else None
+    recipe = source.train_config()
+    about = {"task": task.name, "tsv_dir": task.tsv_dir, "checkpoint": str(source.path),
+             "scheme": recipe.get("scheme") or "unknown", "seed": recipe.get("seed", 0),
+             "model": recipe.get("model") or source.path.name}
+    results = {}
+    for split in splits:
+        out = Path(args.out) / split if len(splits) > 1 else Path(args.out)
+        timing, time_settings = 0, None
+        if model is None:
+            table = source.table_on(split)
+            outputs, labels = table.outputs, table.labels
+            if args.timing_inputs:
+                print(f"{source.path}: the calibration table's ramp outputs ({len(labels)} inputs; no data read), "
+                      "no wall-saving timing (it needs the texts: pass --data-dir)")
+        else:
+            data, _ = load_inputs(source, model, task, split, args.data_dir, skip_bad_rows=args.skip_bad_rows)
+            if not data.labelled:
+                raise ValueError(f"{task.tsv_dir} {split} has no labels; the analyses need a labelled split")
+            outputs, labels, timing = runners.cached_logits(model, data), data.labels, args.timing_inputs
+            time_settings = _timer(model, data)
+        results[split] = report(task, outputs, labels, out, {**about, "split": split}, time_settings, timing,
+                                command, args.split_seed)
+        print((out / "tables.md").read_text())
+        print(f"wrote {out}/")
+    return results[splits[0]] if len(splits) == 1 else results
+
+
+def _timer(model, data):
+    """`report`'s `time_settings` over `data`: the chosen settings timed in latency mode."""
+    return lambda rows, settings: analysis.wall_savings(model, data.take(rows), settings)
 
 
 def main(argv=None) -> None:

@@ -26,6 +26,9 @@ _USAGE = """Export a fine-tuned run as a Hugging Face checkpoint directory.
 
 Load it back with EarlyExitModel.from_pretrained(OUT) (every ramp, exactly), or in PyTorch with
 transformers.AutoModelForSequenceClassification.from_pretrained(OUT) (first-token runs: the full model).
+jaxexit-serve, jaxexit-infer and jaxexit-analyze take OUT wherever they take a run (--checkpoint OUT):
+the service starts from OUT alone, its calibration table standing in for the dev data. OUT/README.md is
+the model card: per-ramp scores, the offline trade-off, certified settings and tradeoff.png.
 """
 
 # The recipe fields of train_config.json the export records.
@@ -76,6 +79,7 @@ def _run(args) -> Path:
     out = model.save_pretrained(args.out, task=task, calibration=calibration, extra=extra)
     print(f"exported {run.path} -> {out}" + ("" if calibration is None else
                                              f" (calibration table: {len(calibration.labels)} inputs)"))
+    print(f"model card: {out / export.CARD}" + (f", {out / export.PLOT}" if (out / export.PLOT).is_file() else ""))
     if args.push_to_hub:
         print(f"uploaded to {export.push_to_hub(out, args.push_to_hub, private=args.private)}")
     return out

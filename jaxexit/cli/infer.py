@@ -1,7 +1,7 @@
 """`jaxexit-infer` (`infer/run.py`): early-exit inference with a fine-tuned checkpoint.
 
-Loads a run, picks inputs, runs a policy in a mode, times it against the full model and reports
-(summary, JSON, predictions); or sweeps and calibrates offline. The work is done by
+Loads a run (or an exported directory), picks inputs, runs a policy in a mode, times it against the
+full model and reports (summary, JSON, predictions); or sweeps and calibrates offline. The work is done by
 `jaxexit.analysis.inference`; this module holds the flags, the printing and stdin.
 """
 
@@ -11,15 +11,16 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from jaxexit.analysis.inference import (calibrate, certify, policy_report, run_policy, sweep, write_json,
                                         write_predictions)
 from jaxexit.cli import console
 from jaxexit.cli.policy_flags import PARAM_FLAGS, add_policy_flags, policy_from_args, policy_label
-from jaxexit.exits import policies, risk, runners
-from jaxexit.text import glue
+from jaxexit.exits import offline, policies, risk, runners
+from jaxexit.text import checkpoints, export, glue
 from jaxexit.text.inputs import load_inputs, text_inputs
 from jaxexit.text.model import EarlyExitModel
-from jaxexit.training.runs import resolve_run
 
 # --help's text (the scripts' usage, as infer/run.py has always shown it)
 _USAGE = """Early-exit inference with a fine-tuned checkpoint.
@@ -32,17 +33,24 @@ _USAGE = """Early-exit inference with a fine-tuned checkpoint.
     python infer/run.py --policy entropy --max-risk 0.02 --calibration-texts unlabelled.txt
     python infer/run.py --patience 2 --tau 0.9 --confidence maxprob --ensemble   # PCEE-BERT-v1, ensemble
     echo "a gripping film" | python infer/run.py --patience 2 --tau 0.2 --text -
+    python infer/run.py --checkpoint exported/sst2 --max-risk 0.02   # an export: offline jobs read its table
+
+An exported directory (jaxexit-export) is taken wherever a run is; what the command writes for it goes
+to OUT.jaxexit/, beside it. Runs on texts need --data-dir (or --text); --sweep, --target-saving,
+--max-drop and --max-risk read the export's calibration table when no --data-dir is given.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = console.Parser(description=_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a train/finetune.py run directory (default: the latest run in --runs-dir)")
+    p.add_argument("--checkpoint", help="a train/finetune.py run directory, or a jaxexit-export directory (default: "
+                                        "the latest run in --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where train/finetune.py wrote its runs (default: runs)")
     add_policy_flags(p)
     p.add_argument("--split", default="dev",
                    help="dev | test (MNLI: both matched and mismatched, side by side), or one split: dev_matched, ...")
-    p.add_argument("--data-dir", help="GLUE TSV directory (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", help="GLUE TSV directory (default: the one the checkpoint was trained on; an export: "
+                                      "its calibration table, for offline jobs)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed TSV rows (reported: how many, and where) instead of stopping at the first")
     p.add_argument("--limit", type=int, default=0, help="use only the first N inputs")
@@ -192,15 +200,17 @@ def _run(args) -> dict:
     """What the flags `args` ask for; the result dict (per split, for MNLI's two dev sets)."""
     check_flags(args)
     texts = calibration_lines(args.calibration_texts) if args.calibration_texts else None
-    run = resolve_run(args.checkpoint, args.runs_dir)
+    run = checkpoints.resolve_checkpoint(args.checkpoint, args.runs_dir)  # a run, or an exported directory
     train_cfg = run.train_config()
-    task = glue.get_task(train_cfg["task"])
-    model = EarlyExitModel.from_run(run.path)
+    if isinstance(run, checkpoints.ExportDir):
+        task, model = run.task(), run.load_model()
+    else:
+        task, model = glue.get_task(train_cfg["task"]), EarlyExitModel.from_run(run.path)
     L, C = model.num_layers, model.config.num_labels
     params = {k: getattr(args, k) for k in PARAM_FLAGS}
     calibrating = any(getattr(args, t) is not None for t in ("target_saving", "max_drop", "max_risk"))
     mode = args.mode or "latency"
-    out_dir = run.path / "infer"
+    out_dir = checkpoints.work_dir(run) / "infer"
 
     if args.text:
         lines = sys.stdin.read().splitlines() if args.text == ["-"] else args.text
@@ -221,10 +231,15 @@ def _run(args) -> dict:
     results = {}
     splits = glue.resolve_splits(task, args.split)  # MNLI's dev: matched and mismatched
     for split_name in splits:
-        split, _ = load_inputs(run, model, task, split_name, data_dir, args.limit, args.skip_bad_rows)
-        labels = split.labels if split.labelled else None
         meta = {"task": task.name, "split": split_name, "checkpoint": str(run.path), "num_labels": C}
         tag = split_name if len(splits) > 1 else None  # in output file names given by flags
+        if isinstance(run, checkpoints.ExportDir) and data_dir is None:  # the export's table, or nothing
+            cached, labels = _export_table(run, task, split_name, args.limit, args.sweep or calibrating)
+            results[split_name] = _offline_job(args, task, model, None, labels, meta, params, out_dir, tag,
+                                               calibration, cached)
+            continue
+        split, _ = load_inputs(run, model, task, split_name, data_dir, args.limit, args.skip_bad_rows)
+        labels = split.labels if split.labelled else None
         if args.sweep or calibrating:
             results[split_name] = _offline_job(args, task, model, split, labels, meta, params, out_dir, tag,
                                                calibration)
@@ -249,7 +264,22 @@ def calibration_lines(path: str) -> list[str]:
     return lines
 
 
-def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag, calibration=None) -> dict:
+def _export_table(export_dir, task, split_name: str, limit: int, offline_job: bool):
+    """An export's calibration table as `(cached ramp outputs, labels)` of `split_name` (first `limit`),
+    for an offline job run without --data-dir; ValueError saying what is needed otherwise."""
+    if not offline_job:
+        raise ValueError(f"{export_dir.path} is an exported model: it carries ramp outputs on its calibration split, "
+                         f"not the texts a policy runs on; pass --data-dir (the {task.tsv_dir} GLUE TSV directory), "
+                         "--text, or an offline job (--sweep, --target-saving, --max-drop, --max-risk)")
+    table = export_dir.table_on(split_name)
+    rows = np.arange(len(table.labels))[:limit or None]
+    print(f"{task.tsv_dir} {split_name}: ramp outputs of {len(rows)} inputs from {export_dir.path / export.TABLE} "
+          "(no data read)")
+    return offline.take(table.outputs, rows), table.labels[rows]
+
+
+def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag, calibration=None,
+                 cached=None) -> dict:
     split_name = meta["split"]
     if labels is None and args.risk == "drop":
         raise ValueError(f"{split_name} has no labels, and the drop risk needs them (the full model right, the exit "
@@ -257,7 +287,8 @@ def _offline_job(args, task, model, split, labels, meta, params, out_dir, tag, c
     if labels is None and (args.sweep or calibration is None):
         raise ValueError(f"{split_name} has no labels: sweeps and calibration need a labelled split (dev), "
                          "or --max-risk with unlabelled --calibration-texts")
-    cached = None if labels is None else runners.cached_logits(model, split, args.batch_size or 64)
+    if cached is None and labels is not None:
+        cached = runners.cached_logits(model, split, args.batch_size or 64)
     result = dict(meta)
     if args.sweep:
         csv_path, png, rows = sweep(task, cached, labels, out_dir / f"sweep-{split_name}")

@@ -1,8 +1,8 @@
 """The service: the model, its task, the active policy (explicit, a target saving mapped through
 the calibration table, or a risk target certified on the table's split or on shadow traffic), the
 engine, the shadow buffer, the latency controller and the metrics (`Service`); and its
-assembly from a run directory, warmed up (`build_service`), which `jaxexit-serve` puts behind HTTP
-(`jaxexit.serving.app`). docs/serving.md describes the service.
+assembly from a run or an exported directory, warmed up (`build_service`), which `jaxexit-serve`
+puts behind HTTP (`jaxexit.serving.app`). docs/serving.md describes the service.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from jaxexit.serving.engine import Engine
 from jaxexit.serving.errors import RequestError
 from jaxexit.serving.metrics import Metrics
 from jaxexit.serving.shadow import RISK_KEYS, RiskTarget, ShadowBuffer, served_differs
-from jaxexit.serving.table import CalibrationTable, load_table
-from jaxexit.text import glue
+from jaxexit.serving.table import CalibrationTable, export_table, load_table
+from jaxexit.text import checkpoints, glue
 from jaxexit.text.model import EarlyExitModel
-from jaxexit.training.runs import resolve_run
 
 log = logging.getLogger(__name__)
 
@@ -334,36 +333,40 @@ def build_service(checkpoint: str | None = None, runs_dir: str = "runs", *,
                   require_table: bool = False, data_dir: str | None = None, max_batch: int = 32,
                   max_wait_s: float = 0.002, max_inputs: int = 256, compile_cache: str | os.PathLike | bool = True,
                   control: dict | None = None, shadow_rate: float = 0.0, shadow_buffer: int = 5000) -> Service:
-    """Load the run (`checkpoint`, else the latest under `runs_dir`), its calibration table on the
-    labelled dev split, the service with its first policy, warmed up, and with `control` its latency
-    controller started.
+    """Load the run (`checkpoint`, else the latest under `runs_dir`) or the exported directory
+    (`checkpoint` = OUT of `jaxexit-export`), its calibration table on the labelled dev split (an
+    export's own `calibration.npz` unless `data_dir` is given: no dev data needed), the service with
+    its first policy, warmed up, and with `control` its latency controller started.
 
     `start`: the first policy as a `Service.set_policy` spec, or a function of the model returning
     one (None: the full model). `require_table`: a missing table is an error (a target saving or a
     risk target needs it), else a warning. `compile_cache`: XLA's persistent cache directory (True:
-    `<run>/serving/xla-cache`; False: none). `control`: `Controller` settings (`slo_s`,
-    `min_saving`, `max_saving` (None: the most the active policy reaches on dev), `step`,
-    `interval_s`, `window_s`). `shadow_rate`, `shadow_buffer`: shadow traffic (`ShadowBuffer`: that
-    fraction of live inputs also runs to the last layer; the last `shadow_buffer` are kept).
+    `<run>/serving/xla-cache`, an export's `OUT.jaxexit/serving/xla-cache`; False: none). `control`:
+    `Controller` settings (`slo_s`, `min_saving`, `max_saving` (None: the most the active policy
+    reaches on dev), `step`, `interval_s`, `window_s`). `shadow_rate`, `shadow_buffer`: shadow
+    traffic (`ShadowBuffer`: that fraction of live inputs also runs to the last layer; the last
+    `shadow_buffer` are kept).
     """
-    run = resolve_run(checkpoint, runs_dir)
+    source = checkpoints.resolve_checkpoint(checkpoint, runs_dir)  # a run, or an exported directory
+    exported = isinstance(source, checkpoints.ExportDir)
     if compile_cache is not False:
-        use_compile_cache(Path(run.path / "serving" / "xla-cache" if compile_cache is True else compile_cache))
-    task = glue.get_task(run.train_config()["task"])
-    model = EarlyExitModel.from_run(run.path)
+        use_compile_cache(Path(checkpoints.work_dir(source) / "serving" / "xla-cache" if compile_cache is True
+                               else compile_cache))
+    task, model = checkpoints.task_and_model(source)
     calibration = None
     if table:
-        data_dir = data_dir or run.train_config().get("data_dir")
+        data_dir = data_dir or source.train_config().get("data_dir")
         split = glue.resolve_splits(task, "dev")[0]
         try:
-            calibration = load_table(run, model, task, split, data_dir)
+            calibration = (export_table(source, task, split) if exported and data_dir is None else
+                           load_table(source, model, task, split, data_dir))
         except (OSError, ValueError) as e:
             if require_table:
                 raise ValueError(f"no calibration table for --target-saving / --latency-slo-ms / --max-risk: {e}"
                                  ) from None
             log.warning("no calibration table (target savings refused): %s", e)
     service = Service(model, task, calibration, max_batch=max_batch, max_wait_s=max_wait_s, max_inputs=max_inputs,
-                      source=str(run.path), shadow_rate=shadow_rate, shadow_buffer=shadow_buffer)
+                      source=str(source.path), shadow_rate=shadow_rate, shadow_buffer=shadow_buffer)
     spec = start(model) if callable(start) else start
     if spec is None:
         log.info("no exit policy given: serving the full model (%d layers); turn it with PUT /v1/policy",

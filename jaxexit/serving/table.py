@@ -1,6 +1,7 @@
 """The calibration table: every ramp's outputs on the run's labelled split (computed once, stored in
-`<run>/serving/`) and, per policy, its sweep rows there; a target saving maps to the best setting
-with at least that saving (`offline.choose`, the rule of `jaxexit-infer --target-saving`)."""
+`<run>/serving/`; an export carries its own, `calibration.npz`) and, per policy, its sweep rows there;
+a target saving maps to the best setting with at least that saving (`offline.choose`, the rule of
+`jaxexit-infer --target-saving`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 from jaxexit.exits import offline, policies, runners
 from jaxexit.exits.types import RampOutputs
 from jaxexit.serving.errors import RequestError
-from jaxexit.text import glue, metrics
+from jaxexit.text import checkpoints, export, glue, metrics
 from jaxexit.text.inputs import load_inputs
 from jaxexit.text.model import EarlyExitModel
 from jaxexit.training.checkpoint import RunDir
@@ -72,22 +73,32 @@ class CalibrationTable:
                 "full_score": self.full_score}
 
 
-def _fingerprint(run: RunDir) -> str:
-    """Changes whenever the run's final parameters are rewritten."""
+def _fingerprint(run: RunDir | checkpoints.ExportDir) -> str:
+    """Changes whenever the run's final parameters (an export's weights) are rewritten."""
     h = hashlib.sha256()
-    for path in sorted((run.path / "model").rglob("*")):
+    exported = isinstance(run, checkpoints.ExportDir)
+    files = [run.path / export.WEIGHTS] if exported else sorted((run.path / "model").rglob("*"))
+    for path in files:
         if path.is_file():
             stat = path.stat()
             h.update(f"{path.relative_to(run.path)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
 
 
-def load_table(run: RunDir, model: EarlyExitModel, task: glue.Task, split_name: str, data_dir: str | None,
-               batch_size: int = 64) -> CalibrationTable:
+def export_table(source: checkpoints.ExportDir, task: glue.Task, split_name: str) -> CalibrationTable:
+    """The table an export carries (`calibration.npz`: no data read). ValueError when it has none, or
+    one of another split (then `load_table` with a data directory computes one)."""
+    table = source.table_on(split_name)
+    log.info("calibration table: ramp outputs of %s read from %s", split_name, source.path / export.TABLE)
+    return CalibrationTable(table.outputs, table.labels, task, f"{split_name} ({len(table.labels)} inputs)")
+
+
+def load_table(run: RunDir | checkpoints.ExportDir, model: EarlyExitModel, task: glue.Task, split_name: str,
+               data_dir: str | None, batch_size: int = 64) -> CalibrationTable:
     """The calibration table of `run` on its labelled split `split_name`: the ramp outputs are read
-    from `<run>/serving/` when they were computed from the run's current parameters, else computed
-    once (one offline pass) and stored there."""
-    cache = run.path / "serving" / f"outputs-{split_name}.npz"
+    from `<run>/serving/` (an export's: `OUT.jaxexit/serving/`) when they were computed from the current
+    parameters, else computed once (one offline pass) and stored there."""
+    cache = checkpoints.work_dir(run) / "serving" / f"outputs-{split_name}.npz"
     fingerprint = _fingerprint(run)
     if cache.is_file():
         with np.load(cache) as data:

@@ -9,7 +9,9 @@
                            transformers' `*ForSequenceClassification` reads
       tokenizer files      as the tokenizer's save_pretrained writes them
       calibration.npz      optional: every ramp's outputs on a labelled split (the serving table's format)
-      README.md            the model card
+      README.md            the model card (`export_card`), with `tradeoff.png` when there is a table
+
+`jaxexit.text.checkpoints` opens such a directory where the commands take a run.
 
 Kernels are stored in PyTorch's Linear layout (`[out, in]`, the transpose of Flax's) and float32, so
 loading gives back the same bits and the same logits at every ramp.
@@ -22,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,7 +33,7 @@ import numpy as np
 
 from jaxexit.exits import offline
 from jaxexit.exits.types import RampOutputs
-from jaxexit.text import glue, hf_import, metrics, modeling
+from jaxexit.text import export_card, glue, hf_import, modeling
 from jaxexit.text.config import ARCHITECTURES, EncoderConfig
 from jaxexit.text.hf_import import CheckpointError
 from jaxexit.text.model import TOKENIZER_FILES, EarlyExitModel
@@ -39,7 +42,8 @@ from jaxexit.text.tokenization import Tokenizer
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CONFIG, WEIGHTS, TABLE, CARD = "config.json", "model.safetensors", "calibration.npz", "README.md"
+CONFIG, WEIGHTS, TABLE = "config.json", "model.safetensors", "calibration.npz"
+CARD, PLOT = export_card.CARD, export_card.PLOT
 BLOCK = "early_exit"
 # transformers' sequence-classification class per architecture, and where it reads the final ramp.
 CLASSES = {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
@@ -172,7 +176,7 @@ def save_pretrained(model: EarlyExitModel, out_dir: str | os.PathLike, *, task=N
             block["calibration"] = write_table(tmp / TABLE, cfg, calibration, task)
         (tmp / CONFIG).write_text(json.dumps({**hf_config(cfg, task.label_names if task else ()), BLOCK: block},
                                              indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(cfg, block, task, calibration))
+        export_card.write_card(tmp, out.resolve().name, cfg, block, task, calibration)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,6 +243,9 @@ def read_config(directory: Path) -> tuple[dict, dict, EncoderConfig]:
     version = block.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: {BLOCK}.format_version is {version!r}; this jaxexit reads {FORMAT_VERSION}")
+    if not isinstance(block.get("encoder_config"), dict):
+        raise CheckpointError(f"{path}: {BLOCK}.encoder_config is missing or not an object (every EncoderConfig "
+                              "field, as save_pretrained writes it)")
     try:
         cfg = EncoderConfig.from_dict(block["encoder_config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -323,14 +330,22 @@ def read_table(directory: str | os.PathLike) -> Calibration | None:
     path = directory / block["calibration"].get("file", TABLE)
     if not path.is_file():
         raise FileNotFoundError(f"{directory / CONFIG} names the calibration table {path.name}, which is not there")
-    with np.load(path) as data:
-        logits, labels = data["logits"], data["labels"]
-        outputs = RampOutputs(logits, data["lte"]) if "lte" in data else logits
-        meta = json.loads(str(data["meta"]))
+    try:
+        with np.load(path) as data:
+            logits, labels = data["logits"], data["labels"]
+            lte = data["lte"] if "lte" in data else None
+            meta = json.loads(str(data["meta"])) if "meta" in data else {}
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a calibration table (logits, labels, meta as save_pretrained writes "
+                              f"them): {e}") from None
     want = (cfg.num_hidden_layers, len(labels), cfg.num_labels)
-    if logits.shape != want:
-        raise CheckpointError(f"{path}: logits have shape {logits.shape}, {CONFIG} and the labels need {want}")
-    return Calibration(outputs, labels, meta.get("split", "validation"))
+    if logits.shape != want or labels.ndim != 1:
+        raise CheckpointError(f"{path}: logits have shape {logits.shape} and labels {labels.shape}; {CONFIG} and "
+                              f"the labels need logits {want} and labels [N]")
+    if lte is not None and (not cfg.lte or lte.shape != want[:2]):
+        raise CheckpointError(f"{path}: lte outputs have shape {lte.shape}, but {CONFIG}'s {BLOCK}.lte is {cfg.lte} "
+                              f"(expected {want[:2] if cfg.lte else 'none'})")
+    return Calibration(logits if lte is None else RampOutputs(logits, lte), labels, meta.get("split", "validation"))
 
 
 def from_pretrained_export(directory: Path, asked: dict, source, max_length: int | None) -> EarlyExitModel | None:
@@ -362,56 +377,3 @@ def push_to_hub(out_dir: str | os.PathLike, repo_id: str, *, private: bool = Fal
     api.upload_folder(folder_path=str(out_dir), repo_id=repo_id, repo_type="model",
                       commit_message="jaxexit export (early-exit model)")
     return f"https://huggingface.co/{repo_id}"
-
-
-# ---- the model card --------------------------------------------------------------------------------
-def model_card(cfg: EncoderConfig, block: dict, task: glue.Task | None, calibration: Calibration | None) -> str:
-    """README.md in the Hub's format: YAML header, what the model is, per-ramp scores and a trade-off
-    table when the export has a calibration table, and how to load it."""
-    header = ["---", "library_name: jaxexit", "pipeline_tag: text-classification",
-              "tags: [early-exit, jax, flax, " + cfg.arch + "]"]
-    if task is not None:
-        header += ["datasets: [glue]", f"metrics: [{metrics.primary_metric(task)}]"]
-    lines = [*header, "---", "", f"# Early-exit {cfg.arch.upper()}" + (f" for {task.tsv_dir}" if task else ""), "",
-             f"A {cfg.num_hidden_layers}-layer {cfg.arch} encoder with a classifier (ramp) after every layer, "
-             f"exported by jaxexit. Ramps read the {'first token' if cfg.ramp_input == 'cls' else 'masked mean'}"
-             f" of their layer; poolers: {cfg.ramp_pooler}" + (", with a learning-to-exit head" if cfg.lte else "")
-             + "." + (f" Training scheme: {block['scheme']}." if block.get("scheme") else ""), ""]
-    if calibration is not None and task is not None:
-        lines += _score_tables(cfg, task, calibration)
-    lines += ["## Use", "", "```python", "from jaxexit import EarlyExitModel",
-              "model = EarlyExitModel.from_pretrained(\"THIS_DIR_OR_HUB_ID\")  # every ramp, exactly",
-              "logits = model.ramp_logits(model.tokenize([\"a sentence\"]))  # [ramps, batch, labels]", "```", ""]
-    if cfg.ramp_input == "cls":
-        lines += ["In PyTorch, `transformers.AutoModelForSequenceClassification.from_pretrained(...)` loads the "
-                  "backbone and the final ramp (the full model's classifier); the other ramps are the "
-                  "`early_exit.*` tensors, which transformers does not use.", ""]
-    else:
-        lines += ["In PyTorch, `transformers.AutoModel.from_pretrained(..., output_hidden_states=True)` gives every "
-                  "layer's hidden states; ramp i applies `tanh(pooler(mean))` then the classifier, with the "
-                  "`early_exit.ramps.<i-1>.*` tensors (`early_exit.pooler.*` when shared), `mean` being the "
-                  "attention-masked mean of layer i's token states.", ""]
-    return "\n".join(lines)
-
-
-def _score_tables(cfg: EncoderConfig, task: glue.Task, calibration: Calibration) -> list[str]:
-    score = metrics.primary_scorer(task)
-    logits = offline.parts(calibration.outputs)[0]
-    predictions = offline.ramp_predictions(calibration.outputs)
-    n, name = logits.shape[1], metrics.primary_metric(task)
-    lines = [f"## Scores on {task.tsv_dir} {calibration.split} ({n} inputs)", "", f"| ramp | {name} |", "|---|---|"]
-    lines += [f"| {i + 1} | {score(predictions[i], calibration.labels):.4f} |" for i in range(len(logits))]
-    label = "entropy" if not cfg.is_regression else "pabee"
-    rows = offline.sweep(calibration.outputs, calibration.labels, score, {label: None})
-    best: dict[float, dict] = {}
-    for row in rows:  # the best score at each saving, rounded to 0.05
-        key = round(row["saving"] * 20) / 20
-        if key not in best or row["score"] > best[key]["score"]:
-            best[key] = row
-    lines += ["", f"Trade-off of the `{label}` policy on the same inputs (offline sweep; no guarantee on "
-              "other inputs):", "", f"| saving | avg layers | {name} | setting |", "|---|---|---|---|"]
-    for key in sorted(best):
-        row = best[key]
-        setting = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
-        lines.append(f"| {row['saving']:.3f} | {row['avg_layers']:.2f} | {row['score']:.4f} | {setting} |")
-    return lines + [""]
