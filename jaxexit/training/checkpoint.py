@@ -25,6 +25,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jaxexit.training.parallel import barrier
+
 
 LATEST = "LATEST"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -100,19 +102,27 @@ def read_json(path: Path):
 
 
 class RunDir:
-    """One fine-tuning run on disk. Only process 0 writes; every process restores."""
+    """One fine-tuning run on disk. Only process 0 writes; every process restores. In a
+    multi-process run every process calls `save_state`, `restore_state` and `save_model` at the same
+    point (orbax writes each array once, from the process holding it; all on a shared file system)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.writer = jax.process_index() == 0
         self._manager = None
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run's files (process 0). Asked only when needed: a run
+        directory is named before a multi-process run joins (`jax.distributed` must come first)."""
+        return jax.process_index() == 0
 
     # ---- creation ----------------------------------------------------------------------------
     @classmethod
     def create(cls, output_dir: str | os.PathLike, name: str, train_config: dict, encoder_config,
                tokenizer) -> "RunDir":
-        run = cls.check_free(output_dir, name)
-        if run.writer:
+        run = cls(Path(output_dir) / name)
+        if run.writer:  # (the others checked the name before a multi-process run joined: it exists by now)
+            cls.check_free(output_dir, name)
             run.path.mkdir(parents=True, exist_ok=True)
             write_json(run.path / "train_config.json", train_config)
             write_json(run.path / "encoder_config.json", encoder_config.to_dict())
@@ -206,6 +216,7 @@ class RunDir:
         target = (self.path / "model").absolute()
         if target.exists() and self.writer:
             shutil.rmtree(target)
+        barrier("jaxexit-model-cleared")  # no process writes before the old model is gone
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(target, params)
         if self.writer:
@@ -227,8 +238,25 @@ class RunDir:
         if not self.has_model():
             raise FileNotFoundError(f"{self.path} holds no finished model (model/ and summary.json); "
                                     "was the run interrupted? resume it with train/finetune.py --resume")
+        target = (self.path / "model").absolute()
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore((self.path / "model").absolute(), abstract_params)
+            if abstract_params is None:
+                abstract_params = ckptr.metadata(target).item_metadata.tree
+            return ckptr.restore(target, on_one_device(abstract_params))
+
+
+def on_one_device(abstract):
+    """`abstract` (shapes and dtypes) with every leaf that has no sharding of its own on this
+    process's first device: parameters saved from several devices, or by several processes, load in
+    any process (orbax would otherwise ask for the devices they were saved from)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def place(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                    sharding=sharding if isinstance(sharding, jax.sharding.Sharding) else device)
+
+    return jax.tree_util.tree_map(place, abstract)
 
 
 def timestamp() -> str:

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 
 import jax
 
-from jaxexit.training.checkpoint import RunDir, stop_on_signal
+from jaxexit.training.checkpoint import RunDir, StopRequest, stop_on_signal
+from jaxexit.training.parallel import any_process
 
 State = Any
 
@@ -100,7 +101,7 @@ def train_loop(run: RunDir, state: State, step_fn: Callable[[State, dict], tuple
                     run.save_state(global_step, state, hooks.meta(step, epoch))
                 if hooks.on_step is not None:
                     hooks.on_step(run, step)
-                if stop:  # Ctrl-C / SIGTERM: save this step, then stop
+                if stop_agreed(stop):  # Ctrl-C / SIGTERM: save this step, then stop
                     bar.close()
                     run.stop(stop, global_step, state, hooks.meta(step, epoch), saved)
                 if step == steps.total:
@@ -109,6 +110,17 @@ def train_loop(run: RunDir, state: State, step_fn: Callable[[State, dict], tuple
         clock.stop(state)
     bar.close()
     return state, scores
+
+
+def stop_agreed(request: StopRequest) -> bool:
+    """Whether to stop after this step: this process's `request`, or in a multi-process run any
+    process's (a launcher's SIGTERM reaches processes at different steps; all must save the same
+    step, so every step asks every process, at the same point)."""
+    local = bool(request)  # read once: a signal arriving meanwhile counts at the next step, everywhere
+    agreed = any_process(local)
+    if agreed and not local and request.signal is None:
+        request.signal = "a signal to another process"
+    return agreed
 
 
 class StepClock:
