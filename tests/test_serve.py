@@ -220,7 +220,7 @@ BAD_POLICY = [
     ({"policy": "entropy", "tau": 0.5}, "tau"),
     ({"policy": "berxit", "t": 0.1}, "learning-to-exit"),
     ({"target_saving": 1.5}, "[0, 1)"),
-    ({"target_saving": 0.99}, "beyond what pcee reaches"),
+    ({"target_saving": 0.2, "tau": 1.5}, "tau must be in"),
     ({"target_saving": "half"}, "target_saving"),
     ({"speed": "fast"}, "unknown field"),
     ({"policy": "pcee", "patience": 1, "tau": "low"}, "must be a number"),
@@ -243,6 +243,10 @@ def test_every_bad_input_gets_a_4xx_naming_it(sst2_server):
         assert r.status_code == 422 and words in r.json()["error"], (body, r.status_code, r.text)
     r = httpx.put(url + "/v1/policy", content=b"not json")
     assert r.status_code == 422 and "not JSON" in r.json()["error"]
+    for body, words in (({"target_saving": 0.99}, "beyond what pcee reaches"),  # what the table cannot meet: 409
+                        ({"target_saving": 0.2, "tau": 0.123}, "no pcee setting with tau=0.123")):
+        r = httpx.put(url + "/v1/policy", json=body)
+        assert r.status_code == 409 and words in r.json()["error"], (body, r.status_code, r.text)
     assert httpx.get(url + "/v1/policy").json()["active"] == policy  # refused changes change nothing
     assert httpx.post(url + "/v1/classify", json={"texts": ["a good film"]}).status_code == 200
     errors = _metrics(url)
@@ -273,7 +277,7 @@ def test_pair_task_regression_answers_and_the_reverse_mismatch(tiny_runs):
         r = httpx.post(url + "/v1/classify", json={"pairs": [["a good film", "a great movie"], ["dull", "bad"]]})
         assert r.status_code == 200, r.text
         results = r.json()["results"]
-        assert all(set(x) == {"score", "exit_layer"} for x in results)
+        assert all(set(x) == {"score", "exit_layer", "truncated"} and not x["truncated"] for x in results)
         model = EarlyExitModel.from_run(tiny_runs["stsb"])
         batch = model.tokenize(["a good film", "dull"], ["a great movie", "bad"])
         policy = policies.make_policy("pabee", 3, 1, patience=1, delta=0.5)
@@ -284,6 +288,12 @@ def test_pair_task_regression_answers_and_the_reverse_mismatch(tiny_runs):
         assert r.status_code == 422 and "sentence pairs" in r.json()["error"]
         r = httpx.post(url + "/v1/classify", json={"pairs": [["a", "b", "c"]]})
         assert r.status_code == 422 and "pairs[0]" in r.json()["error"]
+        for body, words in (({"pairs": [["a good film", "a great movie"], ["a good film", ""]]}, "pairs[1][1] is empty"),
+                            ({"pairs": [["", "a great movie"]]}, "pairs[0][0] is empty"),
+                            ({"pairs": [["a", "b"]], "texts": None}, "sentence pairs")):
+            r = httpx.post(url + "/v1/classify", json=body)
+            assert r.status_code == 422 and words in r.json()["error"], (body, r.text)
+            assert httpx.post(url + "/v1/classify", json={"pairs": [["a", "b"]]}).status_code == 200
         r = httpx.put(url + "/v1/policy", json={"policy": "entropy", "S": 0.1})
         assert r.status_code == 422 and "regression" in r.json()["error"]
         assert "warm-up" in output() and "serving" in output()
@@ -386,8 +396,12 @@ def test_target_saving_maps_through_the_table_like_infer_run(service):
         assert active.policy == cal.policy and active.row["saving"] >= target
     held = service.resolve({"target_saving": 0.2, "policy": "pcee", "patience": 2})
     assert held.policy["patience"] == 2 and dict(held.fixed) == {"patience": 2}
-    with pytest.raises(RequestError, match="no pcee setting with tau=0.123"):
+    with pytest.raises(RequestError, match="no pcee setting with tau=0.123") as e:
         service.resolve({"target_saving": 0.2, "policy": "pcee", "tau": 0.123})
+    assert e.value.status == 409  # a valid value off the table's grid: the table's state
+    with pytest.raises(RequestError, match="tau must be in") as e:
+        service.resolve({"target_saving": 0.2, "policy": "pcee", "tau": 1.5})
+    assert e.value.status == 422
 
 
 def test_stored_table_is_read_back_and_recomputed_when_the_model_changes(tiny_runs, monkeypatch):

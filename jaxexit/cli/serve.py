@@ -6,9 +6,11 @@ module holds the flags.
 from __future__ import annotations
 
 import argparse
+import os
 
 from jaxexit.cli import console, policy_flags
 from jaxexit.exits import risk
+from jaxexit.serving import auth
 
 # --help's text (the scripts' usage, as infer/serve.py has always shown it)
 _USAGE = """Serve a fine-tuned run over HTTP; its speed/quality trade-off is turned while it runs.
@@ -20,6 +22,10 @@ _USAGE = """Serve a fine-tuned run over HTTP; its speed/quality trade-off is tur
 
     curl -s localhost:8000/v1/classify -H 'content-type: application/json' -d '{"texts": ["a gripping film"]}'
     curl -s -X PUT localhost:8000/v1/policy -H 'content-type: application/json' -d '{"target_saving": 0.75}'
+    curl -s localhost:8000/openapi.json      # the contract: every body, status and error
+
+With --admin-token-file (or $JAXEXIT_ADMIN_TOKEN_FILE), PUT /v1/policy and POST /v1/calibrate need
+-H "Authorization: Bearer $(cat FILE)"; reads and classification stay open.
 
 A target saving maps to the best thresholds of the policy (pcee unless --policy names another; its
 parameters given as flags are held) with at least that saving on the run's labelled dev split.
@@ -52,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "POST /v1/calibrate (default 0: none)")
     p.add_argument("--shadow-buffer", type=int, default=5000,
                    help="the most recent shadowed inputs kept (default 5000)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; another one without an "
+                        "admin token is warned about)")
+    p.add_argument("--admin-token-file", metavar="PATH",
+                   help=f"a file holding the admin token: PUT /v1/policy and POST /v1/calibrate then need "
+                        f"'Authorization: Bearer <token>' (default: the file ${auth.TOKEN_FILE_ENV} names; "
+                        "none: anyone reaching the port may change the policy)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")
     p.add_argument("--max-batch", type=int, default=32, help="most inputs in one model batch (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=2.0,
@@ -142,6 +154,14 @@ def _control(args) -> dict | None:
             "step": args.control_step, "interval_s": args.control_interval_s, "window_s": args.control_window_s}
 
 
+def admin_token(args, environ=None) -> str | None:
+    """The admin token from --admin-token-file, else from the file $JAXEXIT_ADMIN_TOKEN_FILE names
+    (None: no token); ValueError naming the file when it is missing or empty."""
+    environ = os.environ if environ is None else environ
+    path = args.admin_token_file or environ.get(auth.TOKEN_FILE_ENV) or None
+    return None if path is None else auth.read_token(path)
+
+
 def main(argv=None) -> None:
     """The console script `jaxexit-serve`: answers HTTP until stopped."""
     from jaxexit.serving.app import serve
@@ -151,6 +171,7 @@ def main(argv=None) -> None:
     console.setup(keep_for_file=False)
     try:
         check_flags(args)
+        token = admin_token(args)  # before the warm-up: a bad token file fails at once
         service = build_service(
             args.checkpoint, args.runs_dir, start=lambda model: start_policy(args, model), table=not args.no_table,
             require_table=any(x is not None for x in (args.target_saving, args.latency_slo_ms, args.max_risk)),
@@ -160,4 +181,4 @@ def main(argv=None) -> None:
             control=_control(args), shadow_rate=args.shadow_rate, shadow_buffer=args.shadow_buffer)
     except console.USER_ERRORS as e:
         console.fail(str(e), e)
-    serve(service, args.host, args.port, args.max_body_bytes)
+    serve(service, args.host, args.port, args.max_body_bytes, admin_token=token)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -101,8 +102,10 @@ def upper_bound(k: int, n: int, level: float, bound: str = "binomial") -> float:
 
 def min_inputs(eps: float, level: float) -> int:
     """The fewest inputs on which a setting with no risk event is certified (binomial, Hoeffding-
-    Bentkus alike for k = 0): (1 - eps)^n <= level."""
-    return math.ceil(math.log(level) / math.log1p(-eps))
+    Bentkus alike for k = 0): (1 - eps)^n <= level. An `eps` or `level` so small that the count
+    overflows a float (5e-324) needs more inputs than any split holds: `sys.maxsize`."""
+    need = math.log(level) / math.log1p(-eps) if level > 0 else math.inf
+    return math.ceil(need) if math.isfinite(need) else sys.maxsize
 
 
 def fixed_sequence(pvals: Sequence[float], level: float) -> int:

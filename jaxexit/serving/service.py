@@ -256,14 +256,27 @@ class Service:
             return list(texts), None
         return [a for a, _ in pairs], [b for _, b in pairs]
 
-    def submit(self, texts, pairs=None) -> tuple[concurrent.futures.Future, ActivePolicy, float]:
+    def submit(self, texts, pairs=None) -> tuple[concurrent.futures.Future, ActivePolicy, float, list[bool]]:
         """Tokenise and queue a request's inputs under the policy active now: (future of
-        `(exit_layer, outputs)`, that policy, arrival time)."""
+        `(exit_layer, outputs)`, that policy, arrival time, per input whether it was truncated)."""
         arrived = time.perf_counter()
         first, second = self.check_inputs(texts, pairs)
         rows, types = self.model.tokenizer.encode(first, second)
         active = self._active  # the policy of this request, whatever happens after
-        return self.engine.submit(rows, types, active.policy, self.shadow.choose(len(rows))), active, arrived
+        future = self.engine.submit(rows, types, active.policy, self.shadow.choose(len(rows)))
+        return future, active, arrived, self._truncated(first, second, rows)
+
+    def _truncated(self, first, second, rows) -> list[bool]:
+        """Whether each input had more tokens than the model takes (only a row cut to the full
+        length can have been: those are encoded again, uncut)."""
+        tokenizer, out = self.model.tokenizer, [False] * len(rows)
+        full = [i for i, row in enumerate(rows) if len(row) >= tokenizer.max_length]
+        if full:
+            uncut = tokenizer.hf([first[i] for i in full], None if second is None else [second[i] for i in full],
+                                 truncation=False, verbose=False)["input_ids"]
+            for i, ids in zip(full, uncut):
+                out[i] = len(ids) > tokenizer.max_length
+        return out
 
     def _on_shadow(self, policy, ramps, exit_layer, outputs) -> None:
         """Shadowed inputs ran to the last layer: into the buffer, with whether their answer

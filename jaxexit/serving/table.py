@@ -47,10 +47,11 @@ class CalibrationTable:
 
     def _matching(self, label: str, fixed: dict) -> list[dict]:
         rows = [r for r in self.rows(label) if all(r["params"].get(k) == v for k, v in fixed.items())]
-        if not rows:
+        if not rows:  # a value the policy refuses: ValueError (422); a valid one off the grid: the table's state, 409
+            policies.make_policy(label, self.num_layers, self.num_labels, **{**self.rows(label)[0]["params"], **fixed})
             given = ", ".join(f"{k}={v}" for k, v in fixed.items())
             raise RequestError(f"the calibration table has no {label} setting with {given}: fix only values in "
-                               f"{label}'s grid (see GET /v1/policy), or none")
+                               f"{label}'s grid (see GET /v1/policy), or none", status=409)
         return rows
 
     def max_saving(self, label: str, fixed: dict | None = None) -> float:
@@ -63,7 +64,7 @@ class CalibrationTable:
         reach = max(r["saving"] for r in rows)
         if target > reach + 1e-9:
             raise RequestError(f"target_saving {target} is beyond what {label} reaches on {self.source} "
-                               f"({reach:.3f}); ask for at most that")
+                               f"({reach:.3f}); ask for at most that", status=409)  # the table's state: a 409
         index, _ = offline.choose(rows, target_saving=target, name=label)
         row = rows[index]
         return policies.make_policy(label, self.num_layers, self.num_labels, **row["params"]), row
