@@ -1,20 +1,32 @@
-"""Closed-loop load against infer/serve.py on loopback: throughput and latency per target saving,
-and the latency controller following a step in load.
+"""Closed-loop load against infer/serve.py on loopback, both engines side by side: throughput,
+latency and realised saving per target saving, by this script's own client and by wrk; and the
+latency controller following a step in load.
 
-    python bench/serve_load.py --checkpoint runs/sst2-joint
+    python bench/serve_load.py --checkpoint runs/sst2-joint --name serve_load   # results/serve_load.{md,json,png}
 
-1. Grid: for each number of concurrent clients (1, 8, 32) and each target saving (0: the full
-   model, static exit at L; 0.25, 0.5, 0.75: pcee through the calibration table; each set by
-   PUT /v1/policy), every client sends one SST-2 dev sentence
-   per request and the next as soon as the answer arrives, for `--duration` seconds after
-   `--settle` seconds of unmeasured load. Each cell runs `--rounds` times, the targets in
-   alternating order; the table gives the median round's throughput and that round's latencies.
-2. Step: a second server with `--latency-slo-ms` (default: halfway between the p95 at the most
-   clients with the full model and with target 0.5) takes 4 clients, then 32, then 4 again; the
-   client-side p95 and the service's target saving are sampled every half second.
+The external load generator is wrk (Debian's package: `apt-get install wrk`; macOS: `brew install
+wrk`), driven by a Lua script this benchmark writes (a JSON POST body per request, rotating over
+the SST-2 dev sentences, and the 50/95/99th latency percentiles on exit). `hey` would do too, but
+sends one body for every request, which would exit every request at the same layer.
+`--generators internal` runs without wrk.
 
-Writes results/serve_load.{json,md,png}. The load generator (one asyncio process, httpx) shares
-the machine's cores with the service, as a client on the same host would.
+1. Grid: one server per engine (`--engine batch`, `--engine layer`), both started first. For each
+   number of concurrent clients (1, 8, 32, 64) and each target saving (0: the full model, static
+   exit at L; 0.25, 0.5, 0.75: pcee through the calibration table; each set by PUT /v1/policy),
+   every client sends one SST-2 dev sentence per request and the next as soon as the answer
+   arrives (closed loop), for `--duration` seconds after `--settle` seconds of unmeasured load;
+   each generator in turn, the engines alternating which goes first. Each cell runs `--rounds`
+   times, the targets in alternating order; the table gives the median round's throughput and that
+   round's latencies. `of ideal`: throughput / (full-model throughput / (1 - realised saving)), the
+   full model's on the same engine, generator and clients; `of ideal (batch)` against the batch
+   engine's full model. The realised saving is 1 - mean exit layer / L over the measured requests
+   (wrk: from the service's exit-layer histogram, before and after).
+2. Step: a server (`--step-engine`) with `--latency-slo-ms` (default: halfway between the p95 at
+   the most clients with the full model and with target 0.5) takes 4 clients, then 32, then 4
+   again; the client-side p95 and the service's target saving are sampled every half second.
+
+Writes results/<name>.{json,md,png}. The load generators share the machine's cores with the
+service, as a client on the same host would.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from common import GLUE, REPO, RESULTS, write_result
 
@@ -138,27 +152,98 @@ def set_target(url: str, target: float, num_layers: int) -> dict:
     return r.json()["active"]
 
 
-def grid(url: str, texts: list[str], clients_list, targets, settle, duration, rounds, num_layers) -> list[dict]:
+def exit_layers(url: str) -> tuple[float, float]:
+    """(sum, count) of the service's exit-layer histogram."""
+    text = httpx.get(url + "/metrics").text
+    found = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+             if s.name in ("jaxexit_exit_layer_sum", "jaxexit_exit_layer_count")}
+    return found["jaxexit_exit_layer_sum"], found["jaxexit_exit_layer_count"]
+
+
+WRK_SCRIPT = """-- written by bench/serve_load.py: a JSON body per request, rotating over the sentences
+local bodies = {%s}
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i + 1
+  return wrk.format(nil, "/v1/classify", nil, bodies[(i %% #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('\\nRESULT {"requests": %%d, "duration_us": %%d, "errors": %%d, "p50_us": %%d, ' ..
+    '"p95_us": %%d, "p99_us": %%d}\\n', summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.status + e.timeout, latency:percentile(50), latency:percentile(95),
+    latency:percentile(99)))
+end
+"""
+
+
+def wrk_script(texts: list[str], directory: Path) -> Path:
+    bodies = ", ".join("[==[" + json.dumps({"texts": [t]}) + "]==]" for t in texts)
+    path = directory / "classify.lua"
+    path.write_text(WRK_SCRIPT % bodies)
+    return path
+
+
+def wrk(url: str, script: Path, clients: int, seconds: float) -> dict:
+    """wrk, one thread, `clients` connections (closed loop: each sends its next request when the
+    answer arrives), for `seconds`."""
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(clients), "-d", f"{max(1, round(seconds))}s", "--timeout", "60s",
+                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result:\n{out}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def cell(url: str, generator: str, texts, script, clients, settle, duration, num_layers) -> dict:
+    """One measured run of `generator` against `url`: throughput, latency percentiles, saving."""
+    if generator == "internal":
+        rec = asyncio.run(closed_loop(url, texts, clients, settle, duration))
+        if not rec:
+            raise RuntimeError(f"no request to {url} started and ended within the {duration} s measured")
+        lat = np.array([x[1] for x in rec])
+        layers = np.array([x[2] for x in rec])
+        return {"throughput": len(rec) / duration, "requests": len(rec), "errors": 0,
+                **{f"p{q}_ms": float(np.percentile(lat, q) * 1e3) for q in (50, 95, 99)},
+                "saving": float(1 - layers.mean() / num_layers)}
+    wrk(url, script, clients, settle)  # settling, unmeasured
+    before = exit_layers(url)
+    r = wrk(url, script, clients, duration)
+    after = exit_layers(url)
+    count = after[1] - before[1]
+    return {"throughput": r["requests"] / (r["duration_us"] / 1e6), "requests": r["requests"], "errors": r["errors"],
+            **{f"p{q}_ms": r[f"p{q}_us"] / 1e3 for q in (50, 95, 99)},
+            "saving": float(1 - (after[0] - before[0]) / count / num_layers) if count else float("nan")}
+
+
+def grid(urls: dict, generators, texts, script, clients_list, targets, settle, duration, rounds, num_layers) -> list:
     cells = []
+    engines = list(urls)
     for clients in clients_list:
-        runs = {t: [] for t in targets}
+        runs = {}
         for r in range(rounds):
             for target in (targets if r % 2 == 0 else targets[::-1]):
-                active = set_target(url, target, num_layers)
-                rec = asyncio.run(closed_loop(url, texts, clients, settle, duration))
-                lat = np.array([x[1] for x in rec])
-                layers = np.array([x[2] for x in rec])
-                runs[target].append({"throughput": len(rec) / duration, "p50_ms": float(np.percentile(lat, 50) * 1e3),
-                                     "p95_ms": float(np.percentile(lat, 95) * 1e3), "requests": len(rec),
-                                     "saving": float(1 - layers.mean() / num_layers), "policy": active})
-                print(f"clients {clients:>2}, target {target:.2f}: {runs[target][-1]['throughput']:.1f} inputs/s, "
-                      f"p50 {runs[target][-1]['p50_ms']:.0f} ms, p95 {runs[target][-1]['p95_ms']:.0f} ms, "
-                      f"saving {runs[target][-1]['saving']:.3f}", flush=True)
-        for target in targets:
-            ordered = sorted(runs[target], key=lambda x: x["throughput"])
-            median = ordered[len(ordered) // 2]
-            cells.append({"clients": clients, "target": target, **median,
-                          "throughput_rounds": [x["throughput"] for x in runs[target]]})
+                policies = {e: set_target(urls[e], target, num_layers) for e in engines}
+                for generator in generators:
+                    for engine in (engines if r % 2 == 0 else engines[::-1]):
+                        got = cell(urls[engine], generator, texts, script, clients, settle, duration, num_layers)
+                        got["policy"] = policies[engine]
+                        runs.setdefault((engine, generator, target), []).append(got)
+                        print(f"{engine:>5} {generator:>8} clients {clients:>2}, target {target:.2f}: "
+                              f"{got['throughput']:.1f} inputs/s, p50 {got['p50_ms']:.0f} ms, p95 {got['p95_ms']:.0f} "
+                              f"ms, p99 {got['p99_ms']:.0f} ms, saving {got['saving']:.3f}", flush=True)
+        for (engine, generator, target), measured in runs.items():
+            ordered = sorted(measured, key=lambda x: x["throughput"])
+            cells.append({"engine": engine, "generator": generator, "clients": clients, "target": target,
+                          **ordered[len(ordered) // 2], "throughput_rounds": [x["throughput"] for x in measured]})
+    full = {(c["engine"], c["generator"], c["clients"]): c["throughput"] for c in cells if c["target"] == 0}
+    for c in cells:
+        own, batch = full.get((c["engine"], c["generator"], c["clients"])), full.get(("batch", c["generator"], c["clients"]))
+        c["x_full"] = c["throughput"] / own if own else None
+        c["of_ideal"] = c["throughput"] / (own / (1 - c["saving"])) if own else None
+        c["of_ideal_batch"] = c["throughput"] / (batch / (1 - c["saving"])) if batch else None
     return cells
 
 
@@ -199,44 +284,105 @@ def plot(cells, trace, slo_ms, phases, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), dpi=110)
     targets = sorted({c["target"] for c in cells})
-    for clients in sorted({c["clients"] for c in cells}):
-        mine = sorted((c for c in cells if c["clients"] == clients), key=lambda c: c["target"])
-        axes[0].plot([c["target"] for c in mine], [c["throughput"] for c in mine], marker="o", label=f"{clients} clients")
-        axes[1].plot([c["target"] for c in mine], [c["p95_ms"] for c in mine], marker="o", label=f"{clients} clients")
-    axes[0].set(xlabel="target saving", ylabel="throughput (inputs/s)", title="throughput", xticks=targets)
-    axes[1].set(xlabel="target saving", ylabel="p95 latency (ms)", title="p95 latency", yscale="log", xticks=targets)
-    for ax in axes[:2]:
+    styles = {"batch": "--", "layer": "-"}
+    marks = {"internal": "o", "wrk": "s"}
+    generators = sorted({c["generator"] for c in cells})
+    main = "internal" if "internal" in generators else generators[0]
+
+    def line(ax, key, clients, engine, generator, color, label):
+        mine = sorted((c for c in cells if (c["clients"], c["engine"], c["generator"]) == (clients, engine, generator)),
+                      key=lambda c: c["target"])
+        if mine:
+            ax.plot([c["target"] for c in mine], [c[key] if c[key] is not None else np.nan for c in mine],
+                    ls=styles.get(engine, "-"), marker=marks.get(generator, "o"), color=color, label=label)
+
+    for i, clients in enumerate(sorted({c["clients"] for c in cells})):
+        for engine in styles:
+            line(axes[0, 0], "throughput", clients, engine, main, f"C{i}", f"{engine}, {clients} clients")
+    axes[0, 0].set(xlabel="target saving", ylabel="throughput (inputs/s)", title=f"throughput ({main} client)",
+                   xticks=targets)
+    most = sorted({c["clients"] for c in cells})[-2:]  # the two largest loads
+    for ax, key, title in ((axes[0, 1], "of_ideal", "throughput / ideal (full model / (1 - realised saving))"),
+                           (axes[1, 0], "p95_ms", "p95 latency (ms)")):
+        for i, clients in enumerate(most):
+            for engine in styles:
+                for generator in generators:
+                    line(ax, key, clients, engine, generator, f"C{i}", f"{engine}, {generator}, {clients} clients")
+        ax.set(xlabel="target saving", title=title, xticks=targets)
+    axes[0, 1].axhline(0.95, color="0.5", lw=1, ls=":")
+    axes[1, 0].set_yscale("log")
+    for ax in (axes[0, 0], axes[0, 1], axes[1, 0]):
         ax.grid(alpha=0.3)
-        ax.legend()
-    ax = axes[2]
-    t = [x["t"] for x in trace]
-    ax.plot(t, [x["p95_ms"] if x["p95_ms"] is not None else np.nan for x in trace], color="C3", label="p95 (last 2 s)")
-    ax.axhline(slo_ms, color="C3", ls="--", lw=1, label=f"objective {slo_ms:.0f} ms")
-    ax.set(xlabel="seconds", ylabel="p95 latency (ms)", title="load step: " + " -> ".join(str(c) for c, _ in phases)
-           + " clients")
-    twin = ax.twinx()
-    twin.step(t, [x["target"] for x in trace], color="C0", where="post", label="target saving")
-    twin.set_ylabel("target saving")
-    twin.set_ylim(-0.02, 1)
-    edge = 0.0
-    for clients, seconds in phases:
-        if clients == max(c for c, _ in phases):
-            ax.axvspan(edge, edge + seconds, color="0.9")
-        edge += seconds
-    lines = ax.get_legend_handles_labels()
-    more = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
+        ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    if trace:
+        t = [x["t"] for x in trace]
+        ax.plot(t, [x["p95_ms"] if x["p95_ms"] is not None else np.nan for x in trace], color="C3",
+                label="p95 (last 2 s)")
+        ax.axhline(slo_ms, color="C3", ls="--", lw=1, label=f"objective {slo_ms:.0f} ms")
+        ax.set(xlabel="seconds", ylabel="p95 latency (ms)",
+               title="load step: " + " -> ".join(str(c) for c, _ in phases) + " clients")
+        twin = ax.twinx()
+        twin.step(t, [x["target"] for x in trace], color="C0", where="post", label="target saving")
+        twin.set_ylabel("target saving")
+        twin.set_ylim(-0.02, 1)
+        edge = 0.0
+        for clients, seconds in phases:
+            if clients == max(c for c, _ in phases):
+                ax.axvspan(edge, edge + seconds, color="0.9")
+            edge += seconds
+        lines, more = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
+    else:
+        ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+def table(cells) -> list[str]:
+    lines = ["| engine | generator | clients | target saving | policy | throughput | x full model | of ideal | "
+             "of ideal (batch full) | p50 ms | p95 ms | p99 ms | realised saving |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(cells, key=lambda c: (c["clients"], c["target"], c["generator"], c["engine"]))
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    for c in order:
+        pol = c["policy"]
+        shown = pol["policy"] + "(" + ", ".join(f"{k}={v:g}" for k, v in pol.items()
+                                                 if k in ("patience", "tau", "S", "t", "k")) + ")"
+        lines.append(f"| {c['engine']} | {c['generator']} | {c['clients']} | {c['target']:.2f} | {shown} | "
+                     f"{c['throughput']:.1f} | {fmt(c['x_full'])} | {fmt(c['of_ideal'])} | {fmt(c['of_ideal_batch'])} | "
+                     f"{c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {c['p99_ms']:.0f} | {c['saving']:.3f} |")
+    return lines
+
+
+def verdict(cells, clients: int = 32) -> list[str]:
+    """The issue's bar at `clients`: the layer engine at >= 0.95 of ideal at targets 0.5 and 0.75,
+    its p95 no worse than the batch engine's, per generator."""
+    by = {(c["engine"], c["generator"], c["clients"], c["target"]): c for c in cells}
+    out = []
+    for generator in sorted({c["generator"] for c in cells}):
+        for target in (0.5, 0.75):
+            layer, batch = by.get(("layer", generator, clients, target)), by.get(("batch", generator, clients, target))
+            if layer is None or batch is None or layer["of_ideal"] is None:
+                continue
+            out.append(f"* {generator}, {clients} clients, target {target}: layer engine {layer['of_ideal']:.2f} of ideal "
+                       f"({'meets' if layer['of_ideal'] >= 0.95 else 'below'} 0.95; batch engine "
+                       f"{batch['of_ideal']:.2f}), p95 {layer['p95_ms']:.0f} ms against {batch['p95_ms']:.0f} ms "
+                       f"({'no worse' if layer['p95_ms'] <= batch['p95_ms'] else 'worse'}); throughput "
+                       f"{layer['throughput']:.1f} against {batch['throughput']:.1f} inputs/s.")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/sst2-joint", help="an SST-2 run of train/finetune.py")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--engines", nargs="+", default=["batch", "layer"], choices=["batch", "layer"])
+    p.add_argument("--generators", nargs="+", default=["internal", "wrk"], choices=["internal", "wrk"],
+                   help="internal: this script's asyncio client; wrk: the wrk load generator (apt-get install wrk)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--targets", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell and round")
     p.add_argument("--settle", type=float, default=3.0, help="unmeasured seconds of load before each cell")
@@ -244,59 +390,65 @@ def main(argv=None):
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--no-step", action="store_true", help="the grid only")
+    p.add_argument("--step-engine", default="layer", choices=["batch", "layer"], help="the step test's engine")
     p.add_argument("--slo-ms", type=float, help="the step test's latency objective (default: from the grid)")
     p.add_argument("--step", default="4:20,32:40,4:30", help="the step test's phases, clients:seconds")
     p.add_argument("--name", default="serve_load", help="results/<name>.{json,md,png}")
     args = p.parse_args(argv)
     phases = [(int(c), float(s)) for c, s in (x.split(":") for x in args.step.split(","))]
+    if "wrk" in args.generators and shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk (Debian, Ubuntu), brew install wrk (macOS); "
+                         "or --generators internal")
     dev = GLUE / "SST-2" / "dev.tsv"
     if not dev.is_file():
         raise SystemExit(f"{dev} is missing (../shared)")
     texts = [line.split("\t")[0] for line in dev.read_text().splitlines()[1:] if line.strip()]
     common = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     logs = Path(tempfile.mkdtemp(prefix="serve_load-"))
-    with server(args.checkpoint, common + ["--target-saving", "0"], logs, "grid") as url:
-        L = httpx.get(url + "/healthz").json()["num_layers"]
-        cells = grid(url, texts, args.clients, args.targets, args.settle, args.duration, args.rounds, L)
+    script = wrk_script(texts, logs)
+    with contextlib.ExitStack() as stack:
+        urls = {e: stack.enter_context(server(args.checkpoint, common + ["--engine", e, "--target-saving", "0"], logs,
+                                              f"grid-{e}")) for e in args.engines}
+        L = httpx.get(next(iter(urls.values())) + "/healthz").json()["num_layers"]
+        cells = grid(urls, args.generators, texts, script, args.clients, args.targets, args.settle, args.duration,
+                     args.rounds, L)
     most = max(args.clients)
-    by = {(c["clients"], c["target"]): c for c in cells}
+    by = {(c["engine"], c["generator"], c["clients"], c["target"]): c for c in cells}
+    first = (args.step_engine, args.generators[0], most)
     slo = args.slo_ms
-    if slo is None and (most, 0.0) in by and (most, 0.5) in by:
-        slo = round((by[(most, 0.0)]["p95_ms"] + by[(most, 0.5)]["p95_ms"]) / 2)
+    if slo is None and (*first, 0.0) in by and (*first, 0.5) in by:
+        slo = round((by[(*first, 0.0)]["p95_ms"] + by[(*first, 0.5)]["p95_ms"]) / 2)
     trace = []
     if slo is not None and not args.no_step:
-        flags = common + ["--latency-slo-ms", str(slo), "--min-saving", "0", "--max-saving", str(max(args.targets)),
-                          "--control-interval-s", "1", "--control-window-s", "2", "--control-step", "0.05"]
+        flags = common + ["--engine", args.step_engine, "--latency-slo-ms", str(slo), "--min-saving", "0",
+                          "--max-saving", str(max(args.targets)), "--control-interval-s", "1",
+                          "--control-window-s", "2", "--control-step", "0.05"]
         with server(args.checkpoint, flags, logs, "step") as url:
             trace = step_test(url, texts, phases)
     png = RESULTS / f"{args.name}.png"
     plot(cells, trace, slo or 0, phases, png)
 
-    lines = ["Closed-loop load on loopback against `infer/serve.py` (dynamic batches of up to "
-             f"{args.max_batch}, max wait {args.max_wait_ms:g} ms), one SST-2 dev sentence per request, checkpoint `{args.checkpoint}`; "
-             f"{args.duration:.0f} s measured per cell after {args.settle:.0f} s of settling, median of {args.rounds} "
-             "rounds (targets in alternating order). Throughput in inputs/s; latency from sending to the answer, "
-             "client side. `saving` is the realised one (1 - mean exit layer / L).\n",
-             "| clients | target saving | policy | throughput | x full model | p50 ms | p95 ms | realised saving |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c in cells:
-        base = by.get((c["clients"], 0.0))
-        ratio = f"{c['throughput'] / base['throughput']:.2f}" if base else "-"
-        pol = c["policy"]
-        shown = pol["policy"] + "(" + ", ".join(f"{k}={v:g}" for k, v in pol.items()
-                                                 if k in ("patience", "tau", "S", "t", "k")) + ")"
-        lines.append(f"| {c['clients']} | {c['target']:.2f} | {shown} | {c['throughput']:.1f} | {ratio} | "
-                     f"{c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {c['saving']:.3f} |")
+    lines = ["Closed-loop load on loopback against `infer/serve.py`, the two engines side by side "
+             f"(`--engine batch`: a batch at a time, up to {args.max_batch} inputs, max wait {args.max_wait_ms:g} ms, "
+             "rows leaving it as they exit; `--engine layer`: layer-level continuous batching, docs/serving.md), "
+             f"one SST-2 dev sentence per request, checkpoint `{args.checkpoint}`; generators: "
+             f"{', '.join(args.generators)} (`internal`: this script's asyncio client; `wrk`: wrk 4, one thread, a "
+             f"connection per client, a Lua script rotating the JSON bodies). {args.duration:.0f} s measured per cell "
+             f"after {args.settle:.0f} s of settling, median of {args.rounds} round(s). Throughput in inputs/s; "
+             "latency from sending to the answer, client side. `x full model` and `of ideal` compare with the full "
+             "model (target 0) on the same engine, generator and clients: of ideal = throughput / (full / (1 - "
+             "realised saving)); `of ideal (batch full)` with the batch engine's full model.\n",
+             *verdict(cells), "", *table(cells)]
     if trace:
         peak = [x for x in trace if x["load"] == max(c for c, _ in phases)]
-        lines += ["", f"Load step {' -> '.join(f'{c} clients for {s:.0f} s' for c, s in phases)} with "
-                  f"`--latency-slo-ms {slo}` (controller: every 1 s, p95 over 2 s, step 0.05, target in "
+        lines += ["", f"Load step ({args.step_engine} engine) {' -> '.join(f'{c} clients for {s:.0f} s' for c, s in phases)} "
+                  f"with `--latency-slo-ms {slo}` (controller: every 1 s, p95 over 2 s, step 0.05, target in "
                   f"[0, {max(args.targets)}]): the target saving reached {max(x['target'] for x in trace):.2f} "
                   f"under the peak load (mean {np.mean([x['target'] for x in peak]):.2f} there) and ended at "
                   f"{trace[-1]['target']:.2f}. Trace: results/{args.name}.json (`trace`)."]
-    lines += ["", f"![throughput, latency and the load step]({args.name}.png)", ""]
-    figures = {"checkpoint": args.checkpoint, "max_batch": args.max_batch, "cells": cells, "slo_ms": slo,
-               "phases": phases, "trace": trace}
+    lines += ["", f"![throughput, fraction of ideal, p95 latency and the load step]({args.name}.png)", ""]
+    figures = {"checkpoint": args.checkpoint, "max_batch": args.max_batch, "engines": args.engines,
+               "generators": args.generators, "cells": cells, "slo_ms": slo, "phases": phases, "trace": trace}
     print(f"wrote {write_result(args.name, figures, chr(10).join(lines))} and {png}")
 
 

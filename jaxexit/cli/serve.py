@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="most inputs in one model batch (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="longest an input waits for others to share its batch (default 2 ms)")
+    p.add_argument("--engine", choices=("batch", "layer"), default="layer",
+                   help="layer: layer-level continuous batching, rows of any request meeting at each layer "
+                        "(default); batch: a batch at a time, rows leaving it as they exit (docs/serving.md, Engines)")
     p.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request (default 256)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--latency-slo-ms", type=float,
@@ -178,7 +181,8 @@ def main(argv=None) -> None:
             data_dir=args.data_dir,
             max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1e3, max_inputs=args.max_inputs,
             compile_cache=False if args.compile_cache == "none" else args.compile_cache or True,
-            control=_control(args), shadow_rate=args.shadow_rate, shadow_buffer=args.shadow_buffer)
+            control=_control(args), shadow_rate=args.shadow_rate, shadow_buffer=args.shadow_buffer,
+            engine=args.engine)
     except console.USER_ERRORS as e:
         console.fail(str(e), e)
     serve(service, args.host, args.port, args.max_body_bytes, admin_token=token)

@@ -32,7 +32,7 @@ from jaxexit.text.model import EarlyExitModel
 log = logging.getLogger(__name__)
 
 
-class _Ticket:
+class Ticket:
     """One request's inputs on their way through the engine."""
 
     def __init__(self, size: int, num_labels: int):
@@ -58,7 +58,7 @@ class _Item:
     ids: list[int]
     types: list[int]
     policy: policies.Policy
-    ticket: _Ticket
+    ticket: Ticket
     position: int
     arrived: float
     shadow: bool = False
@@ -94,7 +94,7 @@ class Engine:
     def submit(self, rows: list[list[int]], types: list[list[int]], policy: policies.Policy,
                shadow=None) -> concurrent.futures.Future:
         """Queue inputs under `policy`; `shadow` (bool per input) marks those also run to the end."""
-        ticket = _Ticket(len(rows), self.model.config.num_labels)
+        ticket = Ticket(len(rows), self.model.config.num_labels)
         now = time.perf_counter()
         shadow = [False] * len(rows) if shadow is None else [bool(s) for s in shadow]
         with self._cv:

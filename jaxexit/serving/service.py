@@ -25,6 +25,7 @@ from jaxexit.exits import offline, policies, risk
 from jaxexit.serving.controller import Controller
 from jaxexit.serving.engine import Engine
 from jaxexit.serving.errors import RequestError
+from jaxexit.serving.layer_engine import LayerEngine
 from jaxexit.serving.metrics import Metrics
 from jaxexit.serving.shadow import RISK_KEYS, RiskTarget, ShadowBuffer, served_differs
 from jaxexit.serving.table import CalibrationTable, export_table, load_table
@@ -61,6 +62,10 @@ class ActivePolicy:
         return out
 
 
+# batch: a batch at a time, rows leaving it as they exit (engine.py); layer: layer-level continuous
+# batching, rows of any request meeting at each layer (layer_engine.py). docs/serving.md, "Engines".
+ENGINES = {"batch": Engine, "layer": LayerEngine}
+
 POLICY_KEYS = ("policy", "confidence", "ensemble", "target_saving", *RISK_KEYS, *policies.PARAM_NAMES)
 
 
@@ -69,11 +74,14 @@ class Service:
 
     def __init__(self, model: EarlyExitModel, task: glue.Task, table: CalibrationTable | None = None, *,
                  max_batch: int = 32, max_wait_s: float = 0.002, max_inputs: int = 256, window: int = 2000,
-                 source: str = "", shadow_rate: float = 0.0, shadow_buffer: int = 5000, shadow_seed: int = 0):
+                 source: str = "", shadow_rate: float = 0.0, shadow_buffer: int = 5000, shadow_seed: int = 0,
+                 engine: str = "batch"):
         self.model, self.task, self.table, self.max_inputs, self.source = model, task, table, max_inputs, source
         self.metrics = Metrics(model.num_layers)
         self.shadow = ShadowBuffer(shadow_rate, shadow_buffer, shadow_seed)
-        self.engine = Engine(model, max_batch, max_wait_s, self.metrics, on_shadow=self._on_shadow)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        self.engine = ENGINES[engine](model, max_batch, max_wait_s, self.metrics, on_shadow=self._on_shadow)
         self._active = ActivePolicy(policies.make_policy("static", model.num_layers, model.config.num_labels,
                                                          k=model.num_layers))
         self._lock = threading.Lock()
@@ -345,7 +353,8 @@ def build_service(checkpoint: str | None = None, runs_dir: str = "runs", *,
                   start: dict | Callable[[EarlyExitModel], dict | None] | None = None, table: bool = True,
                   require_table: bool = False, data_dir: str | None = None, max_batch: int = 32,
                   max_wait_s: float = 0.002, max_inputs: int = 256, compile_cache: str | os.PathLike | bool = True,
-                  control: dict | None = None, shadow_rate: float = 0.0, shadow_buffer: int = 5000) -> Service:
+                  control: dict | None = None, shadow_rate: float = 0.0, shadow_buffer: int = 5000,
+                  engine: str = "batch") -> Service:
     """Load the run (`checkpoint`, else the latest under `runs_dir`) or the exported directory
     (`checkpoint` = OUT of `jaxexit-export`), its calibration table on the labelled dev split (an
     export's own `calibration.npz` unless `data_dir` is given: no dev data needed), the service with
@@ -358,7 +367,7 @@ def build_service(checkpoint: str | None = None, runs_dir: str = "runs", *,
     `Controller` settings (`slo_s`, `min_saving`, `max_saving` (None: the most the active policy
     reaches on dev), `step`, `interval_s`, `window_s`). `shadow_rate`, `shadow_buffer`: shadow
     traffic (`ShadowBuffer`: that fraction of live inputs also runs to the last layer; the last
-    `shadow_buffer` are kept).
+    `shadow_buffer` are kept). `engine`: `batch` or `layer` (`ENGINES`).
     """
     source = checkpoints.resolve_checkpoint(checkpoint, runs_dir)  # a run, or an exported directory
     exported = isinstance(source, checkpoints.ExportDir)
@@ -379,7 +388,8 @@ def build_service(checkpoint: str | None = None, runs_dir: str = "runs", *,
                                  ) from None
             log.warning("no calibration table (target savings refused): %s", e)
     service = Service(model, task, calibration, max_batch=max_batch, max_wait_s=max_wait_s, max_inputs=max_inputs,
-                      source=str(source.path), shadow_rate=shadow_rate, shadow_buffer=shadow_buffer)
+                      source=str(source.path), shadow_rate=shadow_rate, shadow_buffer=shadow_buffer,
+                      engine=engine)
     spec = start(model) if callable(start) else start
     if spec is None:
         log.info("no exit policy given: serving the full model (%d layers); turn it with PUT /v1/policy",
