@@ -29,14 +29,16 @@ With --admin-token-file (or $JAXEXIT_ADMIN_TOKEN_FILE), PUT /v1/policy and POST 
 
 A target saving maps to the best thresholds of the policy (pcee unless --policy names another; its
 parameters given as flags are held) with at least that saving on the run's labelled dev split.
-Ramp outputs on that split are computed once and stored in <run>/serving/. A --max-risk target is
+Ramp outputs on that split are computed once and stored in <run>/serving/ (an export: its own
+calibration table, or with --data-dir OUT.jaxexit/serving/). A --max-risk target is
 certified there (Learn then Test) and re-certified on shadow traffic by POST /v1/calibrate.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = console.Parser(description=_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a train/finetune.py run directory (default: the latest run in --runs-dir)")
+    p.add_argument("--checkpoint", help="a train/finetune.py run directory or a jaxexit-export directory "
+                   "(default: the latest run in --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="where train/finetune.py wrote its runs (default: runs)")
     policy_flags.add_policy_flags(p)
     p.add_argument("--target-saving", type=float,
@@ -83,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-window-s", type=float, default=5.0,
                    help="adaptive speed: the p95 is over requests answered in this many seconds")
     p.add_argument("--control-step", type=float, default=0.05, help="adaptive speed: target change per decision")
-    p.add_argument("--data-dir", help="GLUE TSV directory of the calibration split (default: the run's)")
+    p.add_argument("--data-dir", help="GLUE TSV directory of the calibration split (default: the run's; "
+                   "an export: its calibration table)")
     p.add_argument("--compile-cache", default=None,
                    help="XLA's persistent compilation cache, so that a restart skips most of the warm-up's "
                         "compiling (default: <run>/serving/xla-cache; 'none' to keep nothing)")
