@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,13 @@ SLOWEST_FILES = ("test_runners.py", "test_range_ends.py", "test_infer_cli.py", "
                  "test_export.py", "test_serve_risk.py", "test_lte.py", "test_readme.py", "test_notebooks.py", "test_ramp_input.py", "test_vision_infer.py")
 
 
+def pytest_configure(config):
+    # pytest-xdist (3.6 on) hands out --dist loadfile's files in order of their number of tests unless
+    # told not to: the few-test slow files would start last and leave one worker alone at the end.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))  # stable: order within a file kept
@@ -110,15 +118,29 @@ def restore_logging():
     logging.captureWarnings(False)
 
 
+_FIRST_TOKEN_TWINS = weakref.WeakKeyDictionary()
+
+
+def first_token_twin(model):
+    """`model`'s parameters in a model whose every batch takes the first-token exit steps; one per
+    model, so that its jitted steps compile (and trace) once, not once per policy run through it."""
+    from jaxexit import EarlyExitModel
+
+    twin = _FIRST_TOKEN_TWINS.get(model)
+    if twin is None:
+        twin = EarlyExitModel(model.config, model.params, model.tokenizer)
+        twin.first_token_steps_from = 0
+        _FIRST_TOKEN_TWINS[model] = twin
+    return twin
+
+
 def every_live_mode(model, policy, split, batch_size: int, modes: tuple[str, ...] | None = None):
     """`(mode, Exits)` of every live runner on `split`, the first-token exit steps included (in latency
     mode: tests/test_runners.py, on one input length, as each policy kind compiles its own steps).
     `modes`: only these (names as returned; `device-B` for the batch size given)."""
     from jaxexit.exits import runners
-    from jaxexit import EarlyExitModel
 
-    first_token = EarlyExitModel(model.config, model.params, model.tokenizer)
-    first_token.first_token_steps_from = 0  # every batch takes the first-token exit steps
+    first_token = first_token_twin(model)
     runs = {
         "latency": lambda: runners.run_latency(model, policy, split, warmup=0),
         "latency, host decisions": lambda: runners.run_latency(model, policy, split, warmup=0, pipelined=False),

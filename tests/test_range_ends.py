@@ -27,8 +27,10 @@ RANGE_END_MODES = ("latency", "latency, host decisions", "batched", "device-8")
 
 
 def unsure_model(tmp_path, num_labels: int) -> EarlyExitModel:
-    """A tiny BERT (4 layers) whose ramps output logits ~1e-3 apart; ramp 2's are exactly uniform."""
-    directory = tiny.make_tiny_checkpoint(tmp_path / "ckpt", layers=4)
+    """A tiny BERT (3 layers: each patience compiles its own first call, so the fewest that put a
+    layer before and after the uniform ramp) whose ramps output logits ~1e-3 apart; ramp 2's are
+    exactly uniform."""
+    directory = tiny.make_tiny_checkpoint(tmp_path / "ckpt", layers=3)
     model = EarlyExitModel.from_pretrained(directory, num_labels=num_labels)
     params = model.params
     ramps = dict(params["ramps"])
@@ -54,13 +56,13 @@ def test_every_mode_gives_identical_exits_at_the_ends_of_every_range(tmp_path, n
     cached = runners.cached_logits(model, split, batch_size=8)
     if num_labels > 1:  # unsure ramps, as intended
         spread = np.ptp(cached, axis=-1)
-        assert (spread[1] == 0).all() and 0 < spread[[0, 2, 3]].max() < 0.05
+        assert (spread[1] == 0).all() and 0 < spread[[0, 2]].max() < 0.05
     names = offline.applicable(num_labels) + (("pcee[maxprob]",) if num_labels > 1 else ())
     settings = [p for name in names for p in range_ends(name, model.num_layers, num_labels)]
     # the cross-layer ensemble: the same exits, predictions from the mean of ramps 1..m, in every mode
     settings += [policies.make_policy(p.label + "+ensemble", p.num_layers, p.num_labels, **dict(p.params))
                  for name in names for p in range_ends(name, model.num_layers, num_labels)[1:2]]
-    for policy in settings:
+    for policy in dict.fromkeys(settings):  # once each: without a patience, range_ends repeats a setting
         want = offline.evaluate(policy, cached)
         np.testing.assert_array_equal(policies.simulate(policy, cached)[0], want.exit_layer)
         for mode, result in every_live_mode(model, policy, split, batch_size=8, modes=RANGE_END_MODES):

@@ -35,8 +35,9 @@ def test_offline_quick_start_runs(tmp_path, monkeypatch, capsys):
     assert train_line.startswith("python train/finetune.py") and infer_line.startswith("python infer/run.py")
     monkeypatch.chdir(REPO)  # the README's ../shared paths are relative to the checkout
     runs = str(tmp_path / "runs")
+    # inputs cut to 16 tokens: every batch has one shape, so each step compiles once
     budget = ["--max-steps", "2", "--batch-size", "8", "--max-train-examples", "64", "--max-eval-examples", "32",
-              "--output-dir", runs, "--no-progress"]
+              "--max-length", "16", "--output-dir", runs, "--no-progress"]
     run = finetune_cli.run(shlex.split(train_line)[2:] + budget)
     assert (run.path / "summary.json").is_file()
     result = run_cli.run(shlex.split(infer_line)[2:] + ["--runs-dir", runs, "--limit", "8"])

@@ -223,6 +223,11 @@ def tiny_setup(tmp_path_factory):
     return tiny.make_tiny_checkpoint(root / "model"), tiny.make_tiny_glue(root / "glue")
 
 
+# The short joint runs below take JOINT_STEPS steps: the learning-rate schedule is compiled into the
+# training step, so runs of one length share one compiled step (through the session's XLA cache).
+JOINT_STEPS = 8
+
+
 def _cfg(tiny_setup, tmp_path, **overrides):
     model, data = tiny_setup
     fields = dict(task="sst2", model=str(model), data_dir=str(data), batch_size=8, eval_batch_size=16, max_length=32,
@@ -234,7 +239,8 @@ def _cfg(tiny_setup, tmp_path, **overrides):
 @pytest.mark.parametrize("scheme,task", [("two_stage", "sst2"), ("joint", "sst2"), ("joint", "stsb"),
                                          ("alternate", "sst2")])
 def test_tiny_end_to_end(tiny_setup, tmp_path, scheme, task):
-    run = finetune(_cfg(tiny_setup, tmp_path, scheme=scheme, task=task, run_name="r"), progress=False)
+    # checkpoints at epoch ends only (a checkpoint costs more than a tiny step; resuming is tested below)
+    run = finetune(_cfg(tiny_setup, tmp_path, scheme=scheme, task=task, run_name="r", save_every=1000), progress=False)
     summary = json.loads((run.path / "summary.json").read_text())
     split = summary["per_layer"]["validation"]
     assert len(split) == 3 and summary["checkpoint_rule"] == "last step"
@@ -253,9 +259,9 @@ def test_tiny_end_to_end(tiny_setup, tmp_path, scheme, task):
 
 
 def test_existing_run_directory_is_not_overwritten(tiny_setup, tmp_path):
-    finetune(_cfg(tiny_setup, tmp_path, run_name="r", max_steps=1, scheme="joint"), progress=False)
+    finetune(_cfg(tiny_setup, tmp_path, run_name="r", max_steps=JOINT_STEPS, scheme="joint"), progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
-        finetune(_cfg(tiny_setup, tmp_path, run_name="r", max_steps=1, scheme="joint"), progress=False)
+        finetune(_cfg(tiny_setup, tmp_path, run_name="r", max_steps=JOINT_STEPS, scheme="joint"), progress=False)
 
 
 def test_stage1_from_reruns_stage2_only_on_a_finished_run(tiny_setup, tmp_path):
@@ -284,9 +290,9 @@ def test_stage1_from_reruns_stage2_only_on_a_finished_run(tiny_setup, tmp_path):
 def test_resume_builds_everything_from_the_saved_config(tiny_setup, tmp_path):
     """`--resume` with another preset on the command line (as `finetune.py --resume DIR` without
     `--config`): task, data and model come from the run's saved config."""
-    cfg = _cfg(tiny_setup, tmp_path, run_name="saved", max_steps=2, scheme="joint")
+    cfg = _cfg(tiny_setup, tmp_path, run_name="saved", max_steps=JOINT_STEPS, scheme="joint")
     run = finetune(cfg, progress=False)
-    other = _cfg(tiny_setup, tmp_path, task="stsb", run_name="other", max_steps=2, scheme="joint")
+    other = _cfg(tiny_setup, tmp_path, task="stsb", run_name="other", max_steps=JOINT_STEPS, scheme="joint")
     again = finetune(other, resume=str(run.path), progress=False)
     summary = json.loads((again.path / "summary.json").read_text())
     assert again.path == run.path and summary["task"] == "sst2"
@@ -329,7 +335,7 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes_exactly(tiny_setup, tmp_path)
     """Ctrl-C (SIGINT) during step 5 of 8 (checkpoints every 3 steps): the run saves step 5,
     raises `Stopped` and restores the previous handler; resumed, it ends with the parameters of an
     uninterrupted run."""
-    cfg = _cfg(tiny_setup, tmp_path, run_name="stopped", scheme="joint", max_steps=8)
+    cfg = _cfg(tiny_setup, tmp_path, run_name="stopped", scheme="joint", max_steps=JOINT_STEPS)
     before = signal.getsignal(signal.SIGINT)
 
     def interrupt(run, stage, step):
@@ -358,18 +364,28 @@ print(json.dumps({{"devices": jax.device_count(), "losses": losses}}))
 """
 
 
+def _losses_on(devices: int, cfg: TrainConfig) -> list[float]:
+    """The run's training losses on `devices` host devices: in this process when it has that many
+    (it has one CPU device unless the environment says otherwise), else in a subprocess (the device
+    count is fixed when JAX starts)."""
+    if jax.device_count() == devices and jax.default_backend() == "cpu":
+        run = finetune(cfg, progress=False)
+        return [r["loss"] for r in run.records() if r["kind"] == "train"]
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = DEVICES_SCRIPT.format(tests=str(REPO / "tests"), cfg=cfg.to_dict())
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["devices"] == devices
+    return result["losses"]
+
+
 def test_four_host_devices_give_the_same_loss_as_one(tiny_setup, tmp_path):
-    results = {}
-    for devices in (1, 4):
-        cfg = _cfg(tiny_setup, tmp_path, run_name=f"d{devices}", scheme="joint", max_steps=6)
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        script = DEVICES_SCRIPT.format(tests=str(REPO / "tests"), cfg=cfg.to_dict())
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[devices] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert results[4]["devices"] == 4 and results[1]["devices"] == 1
-    np.testing.assert_allclose(results[4]["losses"], results[1]["losses"], rtol=2e-5, atol=1e-6)
+    one, four = (_losses_on(devices, _cfg(tiny_setup, tmp_path, run_name=f"d{devices}", scheme="joint",
+                                          max_steps=JOINT_STEPS)) for devices in (1, 4))
+    assert len(one) == JOINT_STEPS
+    np.testing.assert_allclose(four, one, rtol=2e-5, atol=1e-6)
 
 
 # ---- a short real training run ------------------------------------------------------------------
