@@ -88,8 +88,10 @@ def trained_minilm_run(tmp_path_factory):
 # The slowest test files first, so that the two workers (each taking whole files) do not end with one
 # long file alone; the second starts on a file that needs no trained run while the first trains it.
 # The rest keep their order after these.
-SLOWEST_FILES = ("test_runners.py", "test_range_ends.py", "test_infer_cli.py", "test_training.py", "test_serve.py",
-                 "test_export.py", "test_serve_risk.py", "test_lte.py", "test_readme.py", "test_notebooks.py", "test_ramp_input.py", "test_vision_infer.py")
+SLOWEST_FILES = ("test_runners.py", "test_range_ends.py", "test_multihost.py", "test_infer_cli.py", "test_training.py",
+                 "test_serve.py", "test_serve_ray.py", "test_export.py", "test_serve_risk.py", "test_lte.py",
+                 "test_serve_contract.py", "test_readme.py", "test_notebooks.py", "test_ramp_input.py",
+                 "test_vision_infer.py")
 
 
 def pytest_configure(config):

@@ -6,11 +6,14 @@ module holds the flags.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from jaxexit.cli import console, policy_flags
-from jaxexit.exits import risk
+from jaxexit.exits import registry, risk
 from jaxexit.serving import auth
+
+log = logging.getLogger(__name__)
 
 # --help's text (the scripts' usage, as infer/serve.py has always shown it)
 _USAGE = """Serve a fine-tuned run over HTTP; its speed/quality trade-off is turned while it runs.
@@ -92,7 +95,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "compiling (default: <run>/serving/xla-cache; 'none' to keep nothing)")
     p.add_argument("--no-table", action="store_true",
                    help="no calibration table (explicit thresholds only; no --target-saving or --latency-slo-ms)")
+    ray = p.add_argument_group("Ray Serve (pip install -e .[ray]; docs/serving.md, Ray Serve)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve on Ray Serve: --replicas copies of the service behind one address, one policy for all")
+    ray.add_argument("--replicas", type=int, default=1, help="--ray: model replicas (default 1)")
+    ray.add_argument("--autoscale", metavar="MIN:MAX",
+                     help="--ray: autoscale the model replicas between MIN and MAX (instead of --replicas)")
+    ray.add_argument("--target-ongoing-requests", type=float, default=8.0,
+                     help="--autoscale: requests in flight per replica that Serve aims at (default 8)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs Ray reserves per replica (default 1)")
+    ray.add_argument("--ray-address",
+                     help="--ray: a running Ray cluster to join (default: start one on this machine, loopback only)")
+    ray.add_argument("--write-serve-config", metavar="FILE",
+                     help="--ray: write the Serve config (YAML, for `serve deploy FILE` or `serve run FILE`) and exit")
     return p
+
+
+def autoscale_range(text: str) -> tuple[int, int]:
+    """--autoscale MIN:MAX, checked."""
+    low, sep, high = text.partition(":")
+    try:
+        low_n, high_n = int(low), int(high)
+    except ValueError:
+        low_n = high_n = -1
+    if not sep or not 0 <= low_n <= high_n or high_n < 1:
+        raise ValueError(f"--autoscale takes MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return low_n, high_n
 
 
 def check_flags(args) -> None:
@@ -127,9 +155,24 @@ def check_flags(args) -> None:
         (args.control_interval_s <= 0 or args.control_window_s <= 0 or not 0 < args.control_step < 1,
          "--control-interval-s and --control-window-s must be > 0, --control-step in (0, 1)"),
     ]
+    if args.ray:
+        checks += [
+            (args.replicas < 1, f"--replicas must be >= 1, got {args.replicas}"),
+            (not args.replica_cpus >= 0, f"--replica-cpus must be >= 0, got {args.replica_cpus}"),
+            (not args.target_ongoing_requests > 0,
+             f"--target-ongoing-requests must be > 0, got {args.target_ongoing_requests}"),
+            (args.latency_slo_ms is not None,
+             "--latency-slo-ms is not available with --ray: each replica would move its own target"),
+            (args.shadow_rate > 0, "--shadow-rate is not available with --ray: each replica would keep its own buffer"),
+        ]
+    elif any(x is not None for x in (args.autoscale, args.ray_address, args.write_serve_config)) or \
+            args.replicas != 1:
+        checks.append((True, "--replicas, --autoscale, --ray-address and --write-serve-config go with --ray"))
     for bad, message in checks:
         if bad:
             raise ValueError(message)
+    if args.ray and args.autoscale is not None:
+        autoscale_range(args.autoscale)
 
 
 def start_policy(args, model) -> dict | None:
@@ -168,6 +211,96 @@ def admin_token(args, environ=None) -> str | None:
     return None if path is None else auth.read_token(path)
 
 
+def flag_spec(args) -> dict | None:
+    """The first policy as a `Service.set_policy` spec from the flags alone (no model: --ray puts it
+    in the Serve config, and each replica checks it); None: the full model."""
+    params = {k: getattr(args, k) for k in policy_flags.PARAM_FLAGS if getattr(args, k) is not None}
+    extra = {"confidence": args.confidence, "ensemble": args.ensemble or None}
+    if args.max_risk is not None:
+        spec = {"policy": args.policy or "pcee", "max_risk": args.max_risk, "risk_delta": args.risk_delta,
+                "risk": args.risk, "risk_bound": args.risk_bound, "risk_tolerance": args.risk_tolerance,
+                **params, **extra}
+    elif args.target_saving is not None:
+        spec = {"policy": args.policy or "pcee", "target_saving": args.target_saving, **params, **extra}
+    elif not params and args.policy is None:
+        return None
+    else:
+        name = policy_flags.policy_name(args.policy, params)
+        implied = {} if args.policy is not None else registry.get(name).implied_defaults
+        spec = {"policy": name, **implied, **params, **extra}
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def ray_config(args) -> dict:
+    """The Serve config of `--ray` (`jaxexit.serving.ray_serve.serve_config`)."""
+    from jaxexit.serving import ray_serve
+
+    from jaxexit.text import checkpoints
+
+    def absolute(path):
+        return None if path is None else os.path.abspath(path)
+
+    source = checkpoints.resolve_checkpoint(args.checkpoint, args.runs_dir)  # the replicas' cwd is Ray's
+    builder = {"checkpoint": str(source.path.resolve()), "runs_dir": absolute(args.runs_dir),
+               "data_dir": absolute(args.data_dir),
+               "table": not args.no_table,
+               "require_table": any(x is not None for x in (args.target_saving, args.max_risk)),
+               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "max_inputs": args.max_inputs,
+               "max_body_bytes": args.max_body_bytes, "engine": args.engine, "compile_cache": args.compile_cache,
+               "admin_token_file": absolute(args.admin_token_file or os.environ.get(auth.TOKEN_FILE_ENV) or None)}
+    autoscaling = None
+    if args.autoscale is not None:
+        low, high = autoscale_range(args.autoscale)
+        autoscaling = {"min_replicas": low, "max_replicas": high,
+                       "target_ongoing_requests": args.target_ongoing_requests}
+    return ray_serve.serve_config(builder, policy=flag_spec(args), replicas=args.replicas, autoscaling=autoscaling,
+                                  replica_cpus=args.replica_cpus, host=args.host, port=args.port)
+
+
+def serve_on_ray(args) -> None:
+    """--ray: deploy on Ray Serve (a local Ray unless --ray-address), then wait for a signal."""
+    import signal
+    import threading
+
+    import yaml
+
+    config = ray_config(args)
+    if args.write_serve_config:
+        with open(args.write_serve_config, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        print(f"wrote {args.write_serve_config}; deploy it with: serve deploy {args.write_serve_config}")
+        return
+    try:
+        import ray
+        from ray import serve
+
+        from jaxexit.serving import ray_serve
+    except ImportError as e:
+        raise ImportError(f"--ray needs Ray Serve: pip install -e '.[ray]' (or 'ray[serve]') ({e})") from None
+
+    auth.warn_if_open(args.host, config["applications"][0]["args"].get("admin_token_file") is not None)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.ray_address:
+        ray.init(address=args.ray_address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, object_store_memory=256 << 20,
+                 _node_ip_address="127.0.0.1")
+    try:
+        try:
+            ray_serve.deploy(config)
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
+        count = args.autoscale or args.replicas
+        log.info("serving %s on http://%s:%d with %s model replica(s) on Ray Serve",
+                 config["applications"][0]["args"]["checkpoint"], args.host, args.port, count)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def main(argv=None) -> None:
     """The console script `jaxexit-serve`: answers HTTP until stopped."""
     from jaxexit.serving.app import serve
@@ -177,6 +310,9 @@ def main(argv=None) -> None:
     console.setup(keep_for_file=False)
     try:
         check_flags(args)
+        if args.ray:
+            admin_token(args)  # a bad token file fails here, before Ray starts
+            return serve_on_ray(args)
         token = admin_token(args)  # before the warm-up: a bad token file fails at once
         service = build_service(
             args.checkpoint, args.runs_dir, start=lambda model: start_policy(args, model), table=not args.no_table,

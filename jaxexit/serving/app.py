@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +35,7 @@ from jaxexit.exits import registry
 from jaxexit.serving import schema
 from jaxexit.serving.auth import AdminToken, warn_if_open
 from jaxexit.serving.errors import RequestError
-from jaxexit.serving.service import Service
+from jaxexit.serving.service import ActivePolicy, Service
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,14 @@ def _integers(spec):
     return {k: int(v) if k in INT_PARAMS and isinstance(v, float) and v.is_integer() else v for k, v in spec.items()}
 
 
-def create_app(service: Service, max_body_bytes: int = 1 << 20, admin_token: str | None = None) -> FastAPI:
-    """The HTTP app of `service`; with `admin_token`, what changes the service needs it."""
+def create_app(service: Service, max_body_bytes: int = 1 << 20, admin_token: str | None = None, *,
+               set_policy: Callable[[dict], ActivePolicy] | None = None,
+               calibrate: Callable[[], ActivePolicy] | None = None) -> FastAPI:
+    """The HTTP app of `service`; with `admin_token`, what changes the service needs it.
+    `set_policy` and `calibrate` replace `service.set_policy` and `service.calibrate` behind PUT
+    /v1/policy and POST /v1/calibrate (Ray Serve: the policy goes to every replica)."""
+    set_policy = set_policy or service.set_policy
+    recalibrate = calibrate or service.calibrate
     contract = schema.build(service)
     app = FastAPI(title="jaxexit", version="1",
                   description="early-exit classification whose speed is turned while it runs")
@@ -276,14 +283,14 @@ def create_app(service: Service, max_body_bytes: int = 1 << 20, admin_token: str
         """Replace the policy: explicit parameters, a target saving or a risk target."""
         _json_content(request)
         spec = _integers(_json(await request.body()))
-        active = await asyncio.to_thread(service.set_policy, spec)  # a certification takes a while: not on the loop
+        active = await asyncio.to_thread(set_policy, spec)  # a certification takes a while: not on the loop
         return {"active": active.describe()}
 
     @app.post("/v1/calibrate", response_model=None, dependencies=changes,
               responses=contract.responses(contract.policy_answer, *guarded, 409, 413))
     async def calibrate():
         """Re-certify the active risk target on the shadow buffer alone."""
-        active = await asyncio.to_thread(service.calibrate)
+        active = await asyncio.to_thread(recalibrate)
         return {"active": active.describe()}
 
     @app.get("/healthz", response_model=None, responses=contract.responses(schema.Health))

@@ -349,15 +349,36 @@ def use_compile_cache(directory: Path) -> None:
             pass
 
 
+def calibration_table(source, task: glue.Task, model: EarlyExitModel, data_dir: str | None = None,
+                      require: bool = False) -> CalibrationTable | None:
+    """The calibration table of a run or an export (`checkpoints.resolve_checkpoint`'s answer) on its
+    labelled dev split: an export's own `calibration.npz` unless `data_dir` is given, else the ramp
+    outputs stored in the run (computed once). None, with a warning, when there is none (`require`:
+    ValueError)."""
+    exported = isinstance(source, checkpoints.ExportDir)
+    data_dir = data_dir or source.train_config().get("data_dir")
+    split = glue.resolve_splits(task, "dev")[0]
+    try:
+        return (export_table(source, task, split) if exported and data_dir is None else
+                load_table(source, model, task, split, data_dir))
+    except (OSError, ValueError) as e:
+        if require:
+            raise ValueError(f"no calibration table for --target-saving / --latency-slo-ms / --max-risk: {e}"
+                             ) from None
+        log.warning("no calibration table (target savings refused): %s", e)
+        return None
+
+
 def build_service(checkpoint: str | None = None, runs_dir: str = "runs", *,
-                  start: dict | Callable[[EarlyExitModel], dict | None] | None = None, table: bool = True,
+                  start: dict | Callable[[EarlyExitModel], dict | None] | None = None,
+                  table: bool | CalibrationTable = True,
                   require_table: bool = False, data_dir: str | None = None, max_batch: int = 32,
                   max_wait_s: float = 0.002, max_inputs: int = 256, compile_cache: str | os.PathLike | bool = True,
                   control: dict | None = None, shadow_rate: float = 0.0, shadow_buffer: int = 5000,
                   engine: str = "batch") -> Service:
     """Load the run (`checkpoint`, else the latest under `runs_dir`) or the exported directory
-    (`checkpoint` = OUT of `jaxexit-export`), its calibration table on the labelled dev split (an
-    export's own `calibration.npz` unless `data_dir` is given: no dev data needed), the service with
+    (`checkpoint` = OUT of `jaxexit-export`), its calibration table on the labelled dev split
+    (`calibration_table`; `table` may also be one computed already), the service with
     its first policy, warmed up, and with `control` its latency controller started.
 
     `start`: the first policy as a `Service.set_policy` spec, or a function of the model returning
@@ -370,23 +391,14 @@ def build_service(checkpoint: str | None = None, runs_dir: str = "runs", *,
     `shadow_buffer` are kept). `engine`: `batch` or `layer` (`ENGINES`).
     """
     source = checkpoints.resolve_checkpoint(checkpoint, runs_dir)  # a run, or an exported directory
-    exported = isinstance(source, checkpoints.ExportDir)
     if compile_cache is not False:
         use_compile_cache(Path(checkpoints.work_dir(source) / "serving" / "xla-cache" if compile_cache is True
                                else compile_cache))
     task, model = checkpoints.task_and_model(source)
-    calibration = None
-    if table:
-        data_dir = data_dir or source.train_config().get("data_dir")
-        split = glue.resolve_splits(task, "dev")[0]
-        try:
-            calibration = (export_table(source, task, split) if exported and data_dir is None else
-                           load_table(source, model, task, split, data_dir))
-        except (OSError, ValueError) as e:
-            if require_table:
-                raise ValueError(f"no calibration table for --target-saving / --latency-slo-ms / --max-risk: {e}"
-                                 ) from None
-            log.warning("no calibration table (target savings refused): %s", e)
+    if isinstance(table, CalibrationTable):  # computed elsewhere (Ray Serve's application builder)
+        calibration = table
+    else:
+        calibration = calibration_table(source, task, model, data_dir, require_table) if table else None
     service = Service(model, task, calibration, max_batch=max_batch, max_wait_s=max_wait_s, max_inputs=max_inputs,
                       source=str(source.path), shadow_rate=shadow_rate, shadow_buffer=shadow_buffer,
                       engine=engine)
