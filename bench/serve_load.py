@@ -143,10 +143,11 @@ async def closed_loop(url: str, texts: list[str], clients: int, settle: float, d
     return records
 
 
-def set_target(url: str, target: float, num_layers: int) -> dict:
+def set_target(url: str, target: float, num_layers: int, hold: dict | None = None) -> dict:
     """Target 0 is the full model (every input through all L layers; the table's best setting at
-    saving >= 0 may exit some inputs early); the others go through the calibration table."""
-    spec = {"policy": "static", "k": num_layers} if target == 0 else {"target_saving": target}
+    saving >= 0 may exit some inputs early); the others go through the calibration table, with the
+    parameters in `hold` held (e.g. pcee's patience 1: the threshold alone moves the saving)."""
+    spec = {"policy": "static", "k": num_layers} if target == 0 else {"target_saving": target, **(hold or {})}
     r = httpx.put(url + "/v1/policy", json=spec)
     r.raise_for_status()
     return r.json()["active"]
@@ -218,14 +219,15 @@ def cell(url: str, generator: str, texts, script, clients, settle, duration, num
             "saving": float(1 - (after[0] - before[0]) / count / num_layers) if count else float("nan")}
 
 
-def grid(urls: dict, generators, texts, script, clients_list, targets, settle, duration, rounds, num_layers) -> list:
+def grid(urls: dict, generators, texts, script, clients_list, targets, settle, duration, rounds, num_layers,
+         hold: dict | None = None) -> list:
     cells = []
     engines = list(urls)
     for clients in clients_list:
         runs = {}
         for r in range(rounds):
             for target in (targets if r % 2 == 0 else targets[::-1]):
-                policies = {e: set_target(urls[e], target, num_layers) for e in engines}
+                policies = {e: set_target(urls[e], target, num_layers, hold) for e in engines}
                 for generator in generators:
                     for engine in (engines if r % 2 == 0 else engines[::-1]):
                         got = cell(urls[engine], generator, texts, script, clients, settle, duration, num_layers)
@@ -376,6 +378,15 @@ def verdict(cells, clients: int = 32) -> list[str]:
     return out
 
 
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/sst2-joint", help="an SST-2 run of train/finetune.py")
@@ -393,8 +404,14 @@ def main(argv=None):
     p.add_argument("--step-engine", default="layer", choices=["batch", "layer"], help="the step test's engine")
     p.add_argument("--slo-ms", type=float, help="the step test's latency objective (default: from the grid)")
     p.add_argument("--step", default="4:20,32:40,4:30", help="the step test's phases, clients:seconds")
+    p.add_argument("--hold", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="the policy, or parameters held, while the table maps each target (e.g. policy=entropy: "
+                        "exits spread over the layers, where pcee's best setting may send every input out at one)")
     p.add_argument("--name", default="serve_load", help="results/<name>.{json,md,png}")
     args = p.parse_args(argv)
+    if any("=" not in x for x in args.hold):
+        raise SystemExit(f"--hold takes NAME=VALUE pairs (e.g. policy=entropy, patience=1), got {args.hold}")
+    hold = {k: _value(v) for k, v in (x.split("=", 1) for x in args.hold)}
     phases = [(int(c), float(s)) for c, s in (x.split(":") for x in args.step.split(","))]
     if "wrk" in args.generators and shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (Debian, Ubuntu), brew install wrk (macOS); "
@@ -411,7 +428,7 @@ def main(argv=None):
                                               f"grid-{e}")) for e in args.engines}
         L = httpx.get(next(iter(urls.values())) + "/healthz").json()["num_layers"]
         cells = grid(urls, args.generators, texts, script, args.clients, args.targets, args.settle, args.duration,
-                     args.rounds, L)
+                     args.rounds, L, hold)
     most = max(args.clients)
     by = {(c["engine"], c["generator"], c["clients"], c["target"]): c for c in cells}
     first = (args.step_engine, args.generators[0], most)
@@ -431,7 +448,9 @@ def main(argv=None):
     lines = ["Closed-loop load on loopback against `infer/serve.py`, the two engines side by side "
              f"(`--engine batch`: a batch at a time, up to {args.max_batch} inputs, max wait {args.max_wait_ms:g} ms, "
              "rows leaving it as they exit; `--engine layer`: layer-level continuous batching, docs/serving.md), "
-             f"one SST-2 dev sentence per request, checkpoint `{args.checkpoint}`; generators: "
+             f"one SST-2 dev sentence per request, checkpoint `{args.checkpoint}`"
+             f"{'; targets mapped with ' + ', '.join(f'{k}={v}' for k, v in hold.items()) + ' held' if hold else ''}"
+             "; generators: "
              f"{', '.join(args.generators)} (`internal`: this script's asyncio client; `wrk`: wrk 4, one thread, a "
              f"connection per client, a Lua script rotating the JSON bodies). {args.duration:.0f} s measured per cell "
              f"after {args.settle:.0f} s of settling, median of {args.rounds} round(s). Throughput in inputs/s; "
@@ -447,7 +466,7 @@ def main(argv=None):
                   f"under the peak load (mean {np.mean([x['target'] for x in peak]):.2f} there) and ended at "
                   f"{trace[-1]['target']:.2f}. Trace: results/{args.name}.json (`trace`)."]
     lines += ["", f"![throughput, fraction of ideal, p95 latency and the load step]({args.name}.png)", ""]
-    figures = {"checkpoint": args.checkpoint, "max_batch": args.max_batch, "engines": args.engines,
+    figures = {"checkpoint": args.checkpoint, "max_batch": args.max_batch, "engines": args.engines, "hold": hold,
                "generators": args.generators, "cells": cells, "slo_ms": slo, "phases": phases, "trace": trace}
     print(f"wrote {write_result(args.name, figures, chr(10).join(lines))} and {png}")
 
