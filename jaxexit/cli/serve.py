@@ -176,23 +176,16 @@ def check_flags(args) -> None:
 
 
 def start_policy(args, model) -> dict | None:
-    """The first policy as a `Service.set_policy` spec (None: the full model)."""
+    """The first policy as a `Service.set_policy` spec (None: the full model); explicit parameters
+    checked against the model here, at start."""
+    spec = flag_spec(args)
+    if spec is None or "max_risk" in spec or "target_saving" in spec:
+        return spec
     params = {k: getattr(args, k) for k in policy_flags.PARAM_FLAGS if getattr(args, k) is not None}
-    target = args.target_saving
-    if target is None and args.latency_slo_ms is not None:
-        target = args.min_saving
-    extra = {"confidence": args.confidence, "ensemble": args.ensemble or None}
-    if args.max_risk is not None:
-        return {"policy": args.policy or "pcee", "max_risk": args.max_risk, "risk_delta": args.risk_delta,
-                "risk": args.risk, "risk_bound": args.risk_bound, "risk_tolerance": args.risk_tolerance,
-                **params, **extra}
-    if target is not None:
-        return {"policy": args.policy or "pcee", "target_saving": target, **params, **extra}
-    if not params and args.policy is None:
-        return None
     policy = policy_flags.policy_from_args(args.policy, params, model.num_layers, model.config.num_labels,
                                         args.confidence, args.ensemble)
-    return {"policy": policy.name, **dict(policy.params), **extra}
+    return {"policy": policy.name, **dict(policy.params), "confidence": args.confidence,
+            "ensemble": args.ensemble or None}
 
 
 def _control(args) -> dict | None:
@@ -213,15 +206,19 @@ def admin_token(args, environ=None) -> str | None:
 
 def flag_spec(args) -> dict | None:
     """The first policy as a `Service.set_policy` spec from the flags alone (no model: --ray puts it
-    in the Serve config, and each replica checks it); None: the full model."""
+    in the Serve config, and each replica checks it; `start_policy` checks explicit parameters
+    against the model); None: the full model."""
     params = {k: getattr(args, k) for k in policy_flags.PARAM_FLAGS if getattr(args, k) is not None}
     extra = {"confidence": args.confidence, "ensemble": args.ensemble or None}
+    target = args.target_saving
+    if target is None and args.latency_slo_ms is not None:
+        target = args.min_saving  # the latency controller starts at the lowest target
     if args.max_risk is not None:
         spec = {"policy": args.policy or "pcee", "max_risk": args.max_risk, "risk_delta": args.risk_delta,
                 "risk": args.risk, "risk_bound": args.risk_bound, "risk_tolerance": args.risk_tolerance,
                 **params, **extra}
-    elif args.target_saving is not None:
-        spec = {"policy": args.policy or "pcee", "target_saving": args.target_saving, **params, **extra}
+    elif target is not None:
+        spec = {"policy": args.policy or "pcee", "target_saving": target, **params, **extra}
     elif not params and args.policy is None:
         return None
     else:
