@@ -7,7 +7,7 @@ the 30522-token vocabulary (default: all-MiniLM-L6-v2 beside the repository).
     python train/finetune.py --config sst2 --model runs/bert-base-random --data-dir ../shared/data/glue/SST-2 \\
         --scheme joint --ramp-input mean --lr 1e-4 --max-train-examples 2000 --run-name sst2-base-random
 
-The run trained this way has ramps that learnt a little (the backbone starts random), enough for
+The run trained this way (backbone and ramps from random weights) learns a little, enough for
 its exits to spread over the layers the way a load benchmark needs (bench/serve_load.py).
 """
 
