@@ -15,6 +15,9 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
 MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
 GLUE = SHARED / "data" / "glue"
+# BERT-base's shape (random weights time the same as trained ones): scale_speed.py, random_base.py
+BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512)
 RESULTS = REPO / "results"
 
 

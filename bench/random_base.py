@@ -17,7 +17,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from common import MINILM
+from common import BERT_BASE, MINILM
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -31,19 +31,18 @@ def main() -> None:
     args = p.parse_args()
     if args.out.exists():
         raise SystemExit(f"{args.out} exists; give a new directory")
-    missing = [f for f in TOKENIZER_FILES[:1] if not (args.tokenizer_from / f).is_file()]
-    if missing:
-        raise SystemExit(f"{args.tokenizer_from} has no {missing[0]}: give --tokenizer-from a BERT checkpoint directory")
+    vocab_file = args.tokenizer_from / "vocab.txt"
+    if not vocab_file.is_file():
+        raise SystemExit(f"{args.tokenizer_from} has no vocab.txt: give --tokenizer-from a BERT checkpoint directory")
+    vocab = sum(1 for _ in open(vocab_file, encoding="utf-8"))
+    if vocab != BERT_BASE["vocab_size"]:
+        raise SystemExit(f"{vocab_file} has {vocab} tokens, not {BERT_BASE['vocab_size']}")
 
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(args.seed)
-    config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072, max_position_embeddings=512)
-    vocab = sum(1 for _ in open(args.tokenizer_from / "vocab.txt", encoding="utf-8"))
-    if vocab != config.vocab_size:
-        raise SystemExit(f"{args.tokenizer_from}/vocab.txt has {vocab} tokens, not {config.vocab_size}")
+    config = BertConfig(**BERT_BASE)
     BertModel(config).save_pretrained(args.out, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (args.tokenizer_from / name).is_file():

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from common import GLUE, MINILM, write_result
+from common import BERT_BASE, GLUE, MINILM, write_result
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -44,8 +44,7 @@ from jaxexit.exits import offline, policies, runners
 from jaxexit import EarlyExitModel
 from jaxexit.text.config import EncoderConfig  # noqa: E402
 
-BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-            intermediate_size=3072, max_position_embeddings=512, num_labels=2)
+BASE = dict(BERT_BASE, num_labels=2)
 
 
 def jax_model(scale: str) -> EarlyExitModel:
