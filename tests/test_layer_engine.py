@@ -21,7 +21,8 @@ import pytest
 import tiny
 from jaxexit.exits import offline, policies
 from jaxexit.serving.engine import Engine
-from jaxexit.serving.layer_engine import Candidate, LayerEngine, pick
+from jaxexit.serving import layer_engine
+from jaxexit.serving.layer_engine import Candidate, LayerEngine, pick, row_buckets
 from jaxexit.text import glue
 from jaxexit.text.model import EarlyExitModel
 
@@ -236,34 +237,80 @@ def test_bad_settings_are_refused(model):
 
 
 # ---- the scheduling rule ----------------------------------------------------------------------------------
-def test_the_most_waiting_rows_run_first_the_deepest_on_ties():
-    c = [Candidate(1, 32, 5, 0), Candidate(3, 32, 2, 1), Candidate(2, 16, 5, 2)]
-    assert pick(c, max_batch=8, max_age=6) == Candidate(2, 16, 5, 2)  # 5 rows at layers 1 and 2: the deeper
-    assert pick(c + [Candidate(2, 32, 5, 0)], 8, 6) == Candidate(2, 16, 5, 2)  # then the shorter length
-    assert pick([Candidate(1, 16, 40, 0), Candidate(4, 16, 8, 0)], 8, 6).layer == 4  # counted up to max_batch
-    assert pick([Candidate(1, 16, 9, 0), Candidate(4, 16, 8, 0)], 16, 6).layer == 1
+def test_the_deepest_queue_runs_first_then_the_fuller_then_the_shorter():
+    c = [Candidate(1, 32, 7, 0), Candidate(3, 32, 2, 1), Candidate(2, 16, 5, 2)]
+    assert pick(c, max_batch=8, max_age=6) == Candidate(3, 32, 2, 1)  # 2 rows at layer 3 before 7 at layer 1
+    assert pick(c + [Candidate(3, 64, 3, 0)], 8, 6) == Candidate(3, 64, 3, 0)  # at one layer: more rows
+    assert pick(c + [Candidate(3, 16, 2, 0)], 8, 6) == Candidate(3, 16, 2, 0)  # and rows alike: shorter
     assert pick([], 8, 6) is None
+
+
+def test_a_queue_that_fills_a_step_runs_before_deeper_ones():
+    c = [Candidate(1, 32, 8, 0), Candidate(3, 32, 2, 1), Candidate(2, 16, 9, 2)]
+    assert pick(c, 8, 6) == Candidate(2, 16, 9, 2)  # of the full queues the deepest
+    assert pick(c[:2], 8, 6) == Candidate(1, 32, 8, 0)
+    assert pick([Candidate(4, 16, 40, 0), Candidate(4, 32, 8, 0)], 8, 6).length == 16  # rows counted up to 8
 
 
 def test_a_row_past_the_age_bound_runs_first():
     c = [Candidate(1, 32, 8, 5), Candidate(3, 16, 1, 6), Candidate(5, 16, 1, 6), Candidate(2, 16, 1, 7)]
     assert pick(c, 8, 6) == Candidate(2, 16, 1, 7)  # the longest-waiting of the starving queues
     assert pick(c[:3], 8, 6) == Candidate(5, 16, 1, 6)  # deepest among equally old ones
-    assert pick(c[:1] + [Candidate(3, 16, 1, 5)], 8, 6) == Candidate(1, 32, 8, 5)  # under the bound: most rows
+    assert pick([Candidate(1, 32, 4, 6), Candidate(3, 16, 1, 5)], 8, 6) == Candidate(1, 32, 4, 6)
+    assert pick([Candidate(1, 32, 4, 5), Candidate(3, 16, 1, 5)], 8, 6) == Candidate(3, 16, 1, 5)  # under it
 
 
-def test_no_row_starves_under_a_steady_stream_of_new_inputs():
-    """Queues as counts: every step 3 new inputs arrive at layer 1 (the queue that always has the
-    most rows); a lone row waits at layer 3. It runs once it has waited max_age steps."""
-    max_batch, max_age = 8, 6
-    waiting = {1: 0, 3: 1}
-    since = {3: 0}
+def test_row_buckets_are_every_count_up_to_a_quarter_then_eighths():
+    assert row_buckets(32) == (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 28, 32)
+    assert row_buckets(12) == (1, 2, 3, 4, 6, 8, 10, 12)
+    assert row_buckets(4) == (1, 2, 3, 4) and row_buckets(1) == (1,)
+
+
+def _stream(max_age: int, steps: int = 400, layers: int = 6, max_batch: int = 4, seed: int = 0):
+    """Rows as (arrival step, exit layer, queued since); one new input (of two lengths) a step at
+    layer 1, each leaving at a random layer. Returns each row's longest wait at a queue, in steps."""
+    rng = np.random.default_rng(seed)
+    queues: dict[tuple[int, int], list] = {}
+    waits: list[int] = []
+    for step in range(steps):
+        queues.setdefault((1, int(rng.choice([16, 32]))), []).append([int(rng.integers(1, layers + 1)), step, 0])
+        cands = [Candidate(layer, length, len(q), step - q[0][1]) for (layer, length), q in queues.items() if q]
+        choice = layer_engine.pick(cands, max_batch, max_age)
+        queue = queues[(choice.layer, choice.length)]
+        for row in queue[:max_batch]:
+            row[2] = max(row[2], step - row[1])
+            if row[0] == choice.layer:
+                waits.append(row[2])
+            else:
+                queues.setdefault((choice.layer + 1, choice.length), []).append([row[0], step + 1, row[2]])
+        del queue[:max_batch]
+    return waits, sum(len(q) for q in queues.values())
+
+
+def test_full_steps_keep_up_with_a_stream_that_deepest_first_alone_falls_behind(monkeypatch):
+    """One new input a step, at most 4 rows a step: deepest first alone runs deep queues a row at a
+    time while layer 1 piles up (with no age bound, waits grow with the run); running full queues
+    first keeps up, and waits stay bounded however long it runs."""
+    assert _stream(10**9, steps=400)[1] < 25
+    waits = [max(_stream(10**9, steps=n)[0]) for n in (400, 4000)]
+    assert waits[1] <= waits[0] + 10
+    monkeypatch.setattr(layer_engine, "pick", lambda c, b, a: max(c, key=lambda q: (q.layer, min(q.rows, b))))
+    assert _stream(10**9, steps=4000)[1] > 500  # deepest first alone: hundreds of inputs left waiting
+
+
+def test_the_age_bound_caps_the_wait_of_new_inputs():
+    """Deep rows that keep the engine busy: layer 1 is passed over until its oldest row has waited
+    max_age steps, then runs first."""
+    max_age = 3
+    waiting = {1: 1, **{layer: 8 for layer in range(2, 7)}}  # drained deepest first, one step a layer
+    since = {1: 0}
     ran = []
-    for step in range(40):
-        waiting[1] += 3
+    for step in range(12):
         cands = [Candidate(layer, 16, n, step - since.get(layer, step)) for layer, n in waiting.items() if n]
-        choice = pick(cands, max_batch, max_age)
-        waiting[choice.layer] -= min(choice.rows, max_batch)
+        choice = pick(cands, 8, max_age)
+        moved = min(choice.rows, 8)
+        waiting[choice.layer] -= moved
+        if choice.layer < 6:
+            waiting[choice.layer + 1] += moved
         ran.append(choice.layer)
-    assert ran.index(3) == max_age  # passed over while younger than the bound, then first
-    assert ran.count(3) == 1 and ran[:max_age] == [1] * max_age
+    assert ran.index(1) == max_age and 1 not in ran[:max_age]
