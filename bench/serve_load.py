@@ -20,7 +20,9 @@ sends one body for every request, which would exit every request at the same lay
    round's latencies. `of ideal`: throughput / (full-model throughput / (1 - realised saving)), the
    full model's on the same engine, generator and clients; `of ideal (batch)` against the batch
    engine's full model. The realised saving is 1 - mean exit layer / L over the measured requests
-   (wrk: from the service's exit-layer histogram, before and after).
+   (wrk: from the service's exit-layer histogram, before and after). `server cores`: the server's
+   CPU while the cell ran, by thread (XLA's compute threads, the event loop, the engine's worker;
+   from /proc, Linux only): how much of the machine went to the model and how much to the rest.
 2. Step: a server (`--step-engine`) with `--latency-slo-ms` (default: halfway between the p95 at
    the most clients with the full model and with target 0.5) takes 4 clients, then 32, then 4
    again; the client-side p95 and the service's target saving are sampled every half second.
@@ -58,6 +60,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVERS: dict[str, int] = {}  # url -> process id of the servers running
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds the process has used so far by kind of thread: `xla` (XLA's compute threads),
+    `loop` (the main thread: uvicorn's event loop, HTTP, tokenising) and `other` (the engine's
+    worker and the rest). Empty where /proc is not there."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"xla": 0.0, "loop": 0.0, "other": 0.0}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tasks:
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        kind = "loop" if int(tid) == pid else "xla" if "XLA" in comm else "other"
+        out[kind] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def cores(before: dict, after: dict, seconds: float) -> dict:
+    return {f"cpu_{k}": (after[k] - before[k]) / seconds for k in after if k in before}
+
+
 @contextlib.contextmanager
 def server(checkpoint: str, flags: list[str], log_dir: Path, name: str):
     port = free_port()
@@ -78,8 +108,10 @@ def server(checkpoint: str, flags: list[str], log_dir: Path, name: str):
                 raise SystemExit(f"infer/serve.py did not start in 900 s:\n{log_path.read_text()}")
             time.sleep(0.5)
         print(f"{name}: up after {time.monotonic() - start:.0f} s ({url})", flush=True)
+        SERVERS[url] = proc.pid
         yield url
     finally:
+        SERVERS.pop(url, None)
         proc.terminate()
         proc.wait(60)
         log.close()
@@ -200,23 +232,28 @@ def wrk(url: str, script: Path, clients: int, seconds: float) -> dict:
 
 def cell(url: str, generator: str, texts, script, clients, settle, duration, num_layers) -> dict:
     """One measured run of `generator` against `url`: throughput, latency percentiles, saving."""
+    pid = SERVERS.get(url)
     if generator == "internal":
+        cpu, began = thread_cpu(pid) if pid else {}, time.monotonic()
         rec = asyncio.run(closed_loop(url, texts, clients, settle, duration))
+        cpu = cores(cpu, thread_cpu(pid), time.monotonic() - began) if cpu else {}  # settling included
         if not rec:
             raise RuntimeError(f"no request to {url} started and ended within the {duration} s measured")
         lat = np.array([x[1] for x in rec])
         layers = np.array([x[2] for x in rec])
         return {"throughput": len(rec) / duration, "requests": len(rec), "errors": 0,
                 **{f"p{q}_ms": float(np.percentile(lat, q) * 1e3) for q in (50, 95, 99)},
-                "saving": float(1 - layers.mean() / num_layers)}
+                "saving": float(1 - layers.mean() / num_layers), **cpu}
     wrk(url, script, clients, settle)  # settling, unmeasured
     before = exit_layers(url)
+    cpu, began = thread_cpu(pid) if pid else {}, time.monotonic()
     r = wrk(url, script, clients, duration)
+    cpu = cores(cpu, thread_cpu(pid), time.monotonic() - began) if cpu else {}
     after = exit_layers(url)
     count = after[1] - before[1]
     return {"throughput": r["requests"] / (r["duration_us"] / 1e6), "requests": r["requests"], "errors": r["errors"],
             **{f"p{q}_ms": r[f"p{q}_us"] / 1e3 for q in (50, 95, 99)},
-            "saving": float(1 - (after[0] - before[0]) / count / num_layers) if count else float("nan")}
+            "saving": float(1 - (after[0] - before[0]) / count / num_layers) if count else float("nan"), **cpu}
 
 
 def grid(urls: dict, generators, texts, script, clients_list, targets, settle, duration, rounds, num_layers,
@@ -346,8 +383,8 @@ def plot(cells, trace, slo_ms, phases, path: Path) -> None:
 
 def table(cells) -> list[str]:
     lines = ["| engine | generator | clients | target saving | policy | throughput | x full model | of ideal | "
-             "of ideal (batch full) | p50 ms | p95 ms | p99 ms | realised saving |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "of ideal (batch full) | p50 ms | p95 ms | p99 ms | realised saving | server cores: XLA / loop / other |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(cells, key=lambda c: (c["clients"], c["target"], c["generator"], c["engine"]))
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for c in order:
@@ -356,7 +393,9 @@ def table(cells) -> list[str]:
                                                  if k in ("patience", "tau", "S", "t", "k")) + ")"
         lines.append(f"| {c['engine']} | {c['generator']} | {c['clients']} | {c['target']:.2f} | {shown} | "
                      f"{c['throughput']:.1f} | {fmt(c['x_full'])} | {fmt(c['of_ideal'])} | {fmt(c['of_ideal_batch'])} | "
-                     f"{c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {c['p99_ms']:.0f} | {c['saving']:.3f} |")
+                     f"{c['p50_ms']:.0f} | {c['p95_ms']:.0f} | {c['p99_ms']:.0f} | {c['saving']:.3f} | "
+                     + (" / ".join(f"{c[k]:.2f}" for k in ("cpu_xla", "cpu_loop", "cpu_other")) if "cpu_xla" in c else "-")
+                     + " |")
     return lines
 
 
@@ -456,7 +495,10 @@ def main(argv=None):
              f"after {args.settle:.0f} s of settling, median of {args.rounds} round(s). Throughput in inputs/s; "
              "latency from sending to the answer, client side. `x full model` and `of ideal` compare with the full "
              "model (target 0) on the same engine, generator and clients: of ideal = throughput / (full / (1 - "
-             "realised saving)); `of ideal (batch full)` with the batch engine's full model.\n",
+             "realised saving)); `of ideal (batch full)` with the batch engine's full model. `server cores`: CPU "
+             "the server process used while the generator ran, in cores, by its threads: XLA's compute threads, the "
+             "main thread (uvicorn's event loop: HTTP, JSON, tokenising) and the others (the engine's worker: "
+             "dispatching steps, the policy's step, answering).\n",
              *verdict(cells), "", *table(cells)]
     if trace:
         peak = [x for x in trace if x["load"] == max(c for c, _ in phases)]

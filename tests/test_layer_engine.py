@@ -21,8 +21,9 @@ import pytest
 import tiny
 from jaxexit.exits import offline, policies
 from jaxexit.serving.engine import Engine
-from jaxexit.serving import layer_engine
-from jaxexit.serving.layer_engine import Candidate, LayerEngine, pick, row_buckets
+from jaxexit.serving import schedule
+from jaxexit.serving.layer_engine import LayerEngine
+from jaxexit.serving.schedule import Candidate, pick, row_buckets
 from jaxexit.text import glue
 from jaxexit.text.model import EarlyExitModel
 
@@ -275,7 +276,7 @@ def _stream(max_age: int, steps: int = 400, layers: int = 6, max_batch: int = 4,
     for step in range(steps):
         queues.setdefault((1, int(rng.choice([16, 32]))), []).append([int(rng.integers(1, layers + 1)), step, 0])
         cands = [Candidate(layer, length, len(q), step - q[0][1]) for (layer, length), q in queues.items() if q]
-        choice = layer_engine.pick(cands, max_batch, max_age)
+        choice = schedule.pick(cands, max_batch, max_age)
         queue = queues[(choice.layer, choice.length)]
         for row in queue[:max_batch]:
             row[2] = max(row[2], step - row[1])
@@ -294,7 +295,7 @@ def test_full_steps_keep_up_with_a_stream_that_deepest_first_alone_falls_behind(
     assert _stream(10**9, steps=400)[1] < 25
     waits = [max(_stream(10**9, steps=n)[0]) for n in (400, 4000)]
     assert waits[1] <= waits[0] + 10
-    monkeypatch.setattr(layer_engine, "pick", lambda c, b, a: max(c, key=lambda q: (q.layer, min(q.rows, b))))
+    monkeypatch.setattr(schedule, "pick", lambda c, b, a: max(c, key=lambda q: (q.layer, min(q.rows, b))))
     assert _stream(10**9, steps=4000)[1] > 500  # deepest first alone: hundreds of inputs left waiting
 
 

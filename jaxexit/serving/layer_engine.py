@@ -29,17 +29,7 @@ to finish.
   host runs the policy's step on the last one's outputs, so the device does not wait on the host
   (on a BERT-base-shaped model, 2 CPU cores: 0.7 ms of host work a step against 5-30 ms of layer).
 
-The scheduling rule (`pick`), counted in steps: among the queues with a row that can run (at layer
-1: a free slot), a queue whose oldest row has waited `max_age` steps or more runs first (the
-longest-waiting, deepest on ties). Else, of the queues with rows enough for a full step
-(`max_batch`) if any, else of all, the deepest runs, the one with more waiting rows on ties, then
-the shorter length: rows that went deep are answered soonest and give back their slots while new
-inputs gather at layer 1 into a fuller step, and a full step is never held back (under more load
-than the engine keeps up with, its steps stay full). The bound is needed: two lengths' new inputs
-can keep one full queue ahead of the other's at layer 1. A step takes the oldest rows of its queue,
-up to `max_batch`, padded to their row bucket. With nothing but new inputs waiting, fewer than
-`max_batch` in every queue, the engine waits up to `max_wait_s` after the oldest for more, like the
-batch engine.
+The scheduling rule and the row buckets are in `jaxexit.serving.schedule`.
 """
 
 from __future__ import annotations
@@ -50,7 +40,6 @@ import functools
 import logging
 import threading
 import time
-from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -58,43 +47,11 @@ import numpy as np
 from jaxexit.exits import offline, policies
 from jaxexit.serving.engine import Ticket
 from jaxexit.serving.metrics import Metrics
+from jaxexit.serving.schedule import Candidate, pick, row_bucket, row_buckets
 from jaxexit.text import exit_steps
 from jaxexit.text.model import EarlyExitModel
 
 log = logging.getLogger(__name__)
-
-
-# ---- the scheduling rule ---------------------------------------------------------------------------------
-class Candidate(NamedTuple):
-    """A queue that can run: its layer (1-based), length bucket, rows that can run, and how many
-    steps its oldest row has waited."""
-
-    layer: int
-    length: int
-    rows: int
-    age: int
-
-
-def pick(candidates: list[Candidate], max_batch: int, max_age: int) -> Candidate | None:
-    """The queue the next step runs (the module's docstring states the rule)."""
-    if not candidates:
-        return None
-    starving = [c for c in candidates if c.age >= max_age]
-    if starving:
-        return max(starving, key=lambda c: (c.age, c.layer, -c.length))
-    full = [c for c in candidates if c.rows >= max_batch]
-    return max(full or candidates, key=lambda c: (c.layer, min(c.rows, max_batch), -c.length))
-
-
-def row_buckets(cap: int) -> tuple[int, ...]:
-    """The row counts a step of at most `cap` rows is padded to: every count up to cap/4, then
-    multiples of cap/8 (rounded up)."""
-    eighth = max(1, -(-cap // 8))
-    return tuple(sorted(set(range(1, max(1, cap // 4) + 1)) | {min(cap, k * eighth) for k in range(1, 9)}))
-
-
-def row_bucket(n: int, cap: int) -> int:
-    return next(b for b in row_buckets(cap) if b >= n)
 
 
 # ---- the jitted steps ------------------------------------------------------------------------------------
