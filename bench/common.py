@@ -21,6 +21,30 @@ BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_at
 RESULTS = REPO / "results"
 
 
+def sst2_dev_texts() -> list[str]:
+    """The SST-2 dev sentences, the serving benchmarks' load (../shared)."""
+    dev = GLUE / "SST-2" / "dev.tsv"
+    if not dev.is_file():
+        raise SystemExit(f"{dev} is missing (../shared)")
+    return [line.split("\t")[0] for line in dev.read_text().splitlines()[1:] if line.strip()]
+
+
+def held(items: list[str]) -> dict:
+    """`--hold NAME=VALUE ...` as a policy spec: values read as int, else float, else text."""
+    if any("=" not in x for x in items):
+        raise SystemExit(f"--hold takes NAME=VALUE pairs (e.g. policy=entropy, patience=1), got {items}")
+
+    def value(text: str):
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    return {k: value(v) for k, v in (x.split("=", 1) for x in items)}
+
+
 def timed(fn, repeats: int, warmup: int = 2) -> float:
     """Median seconds per call of `fn` (which must block until its work is done)."""
     for _ in range(warmup):

@@ -21,6 +21,7 @@ Writes results/<name>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import queue
 import threading
 import time
@@ -28,38 +29,36 @@ import time
 import jax
 import numpy as np
 
-from common import GLUE, timed, write_result
+from common import held, sst2_dev_texts, timed, write_result
 
+from jaxexit.serving.schedule import row_buckets  # noqa: E402
 from jaxexit.serving.service import build_service  # noqa: E402
 
 
 def closed_loop(engine, policy, rows, types, clients: int, settle: float, duration: float) -> dict:
     """Run `clients` closed-loop clients on `engine` under `policy`; figures of the measured span."""
-    done: queue.SimpleQueue = queue.SimpleQueue()  # (client, sent, result) as answers arrive
+    done: queue.SimpleQueue = queue.SimpleQueue()  # (client, row, sent, result) as answers arrive
     record: list[tuple[float, float, int, int]] = []  # (answered, latency, exit layer, length bucket)
     stop = threading.Event()
-    counter = iter(range(10**12))
-
-    client_row: dict[int, int] = {}
+    counter = itertools.count()
     lengths = [engine.model.tokenizer.bucket_length(len(r)) for r in rows]
 
     def send(client: int) -> None:
         i = next(counter) % len(rows)
-        client_row[client] = i
         sent = time.perf_counter()
-        engine.submit([rows[i]], [types[i]], policy).add_done_callback(lambda f: done.put((client, sent, f)))
+        engine.submit([rows[i]], [types[i]], policy).add_done_callback(lambda f: done.put((client, i, sent, f)))
 
     def clients_thread() -> None:
         for c in range(clients):
             send(c)
         while not stop.is_set():
             try:
-                client, sent, future = done.get(timeout=0.1)
+                client, i, sent, future = done.get(timeout=0.1)
             except queue.Empty:
                 continue
             layer, _ = future.result()
             now = time.perf_counter()
-            record.append((now, now - sent, int(layer[0]), lengths[client_row[client]]))
+            record.append((now, now - sent, int(layer[0]), lengths[i]))
             if not stop.is_set():
                 send(client)
 
@@ -93,8 +92,6 @@ def closed_loop(engine, policy, rows, types, clients: int, settle: float, durati
 
 def step_costs(engine, max_batch: int, lengths: list[int]) -> list[dict]:
     """Seconds of one layer-engine step of layer L/2 per (rows, length): the device's cost alone."""
-    from jaxexit.serving.layer_engine import row_buckets
-
     layer = engine.num_layers // 2
     out = []
     for length in lengths:
@@ -134,19 +131,8 @@ def main(argv=None):
         p.error("--clients and --rounds must be >= 1, --duration > 0 and --settle >= 0")
     if any(not 0 <= t < 1 for t in args.targets):
         p.error("targets must be in [0, 1)")
-    hold = {}
-    for item in args.hold:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--hold takes NAME=VALUE, got {item!r}")
-        try:
-            hold[key] = int(value) if value.isdigit() else float(value)
-        except ValueError:
-            hold[key] = value
-    dev = GLUE / "SST-2" / "dev.tsv"
-    if not dev.exists():
-        p.error(f"{dev} is missing: the SST-2 dev sentences are the load")
-    texts = [line.split("\t")[0] for line in dev.read_text().splitlines()[1:] if line.strip()]
+    hold = held(args.hold)
+    texts = sst2_dev_texts()
 
     cells, costs = [], None
     for name in args.engines:
@@ -169,16 +155,16 @@ def main(argv=None):
                 costs = step_costs(service.engine, args.max_batch, [16, 32, 64])
         finally:
             service.close()
+    # the saving in layer work: each input's layers weighed by its length's cost a row in a full step
+    per_row = {x["length"]: x["ms"] / x["rows"] for x in costs or () if x["rows"] == args.max_batch}
     for c in cells:
         full = next((x for x in cells if x["engine"] == c["engine"] and x["target"] == 0), None)
         c["of_ideal"] = None if full is None else c["throughput"] / (full["throughput"] / (1 - c["saving"]))
         c["cost_saving"] = None
-        if costs:  # the saving in layer work, each input's layers weighed by its length's cost a row
-            per_row = {x["length"]: x["ms"] / x["rows"] for x in costs if x["rows"] == args.max_batch}
-            if all(T in per_row for T in c["layers_by_length"]):
-                spent = sum(per_row[T] * n for T, n in c["layers_by_length"].items())
-                whole = sum(per_row[T] * n * L for T, n in c["inputs_by_length"].items())
-                c["cost_saving"] = 1 - spent / whole
+        if per_row and all(T in per_row for T in c["layers_by_length"]):
+            spent = sum(per_row[T] * n for T, n in c["layers_by_length"].items())
+            whole = sum(per_row[T] * n * L for T, n in c["inputs_by_length"].items())
+            c["cost_saving"] = 1 - spent / whole
 
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     lines = [f"In-process closed loop, {args.clients} clients, one SST-2 dev sentence per request, checkpoint "

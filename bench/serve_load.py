@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import GLUE, REPO, RESULTS, write_result
+from common import REPO, RESULTS, held, sst2_dev_texts, write_result
 
 import httpx  # noqa: E402
 
@@ -417,15 +417,6 @@ def verdict(cells, clients: int = 32) -> list[str]:
     return out
 
 
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/sst2-joint", help="an SST-2 run of train/finetune.py")
@@ -448,17 +439,12 @@ def main(argv=None):
                         "exits spread over the layers, where pcee's best setting may send every input out at one)")
     p.add_argument("--name", default="serve_load", help="results/<name>.{json,md,png}")
     args = p.parse_args(argv)
-    if any("=" not in x for x in args.hold):
-        raise SystemExit(f"--hold takes NAME=VALUE pairs (e.g. policy=entropy, patience=1), got {args.hold}")
-    hold = {k: _value(v) for k, v in (x.split("=", 1) for x in args.hold)}
+    hold = held(args.hold)
     phases = [(int(c), float(s)) for c, s in (x.split(":") for x in args.step.split(","))]
     if "wrk" in args.generators and shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (Debian, Ubuntu), brew install wrk (macOS); "
                          "or --generators internal")
-    dev = GLUE / "SST-2" / "dev.tsv"
-    if not dev.is_file():
-        raise SystemExit(f"{dev} is missing (../shared)")
-    texts = [line.split("\t")[0] for line in dev.read_text().splitlines()[1:] if line.strip()]
+    texts = sst2_dev_texts()
     common = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     logs = Path(tempfile.mkdtemp(prefix="serve_load-"))
     script = wrk_script(texts, logs)

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import GLUE, write_result
+from common import sst2_dev_texts, write_result
 from serve_load import closed_loop, server, set_target, wrk, wrk_script
 
 CONFIGS = {"process": [], "ray-1": ["--ray", "--replicas", "1"], "ray-2": ["--ray", "--replicas", "2"]}
@@ -58,7 +58,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if "wrk" in args.generators and shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk; or --generators internal")
-    texts = [line.split("\t")[0] for line in (GLUE / "SST-2" / "dev.tsv").read_text().splitlines()[1:] if line.strip()]
+    texts = sst2_dev_texts()
     logs = Path(tempfile.mkdtemp(prefix="serve_ray-"))
     script = wrk_script(texts, logs)
     cells = []

@@ -249,11 +249,9 @@ class LayerEngine:
                 except Exception as e:  # noqa: BLE001 -- the requests get the error; the worker goes on
                     log.exception("a step of %d rows at layer %d failed", len(rows), queue.layer)
                     self._fail(queue.length, rows, e)
-            if not self._flight:
-                if self._drained():
-                    self._deliver(pending)
-                    return
-                continue
+            if not self._flight:  # _next, blocking, found the engine closed and drained
+                self._deliver(pending)
+                return
             self._deliver(pending)  # while the device computes
             queue, rows, z = self._flight.popleft()
             try:
@@ -262,10 +260,6 @@ class LayerEngine:
                 log.exception("a step of %d rows at layer %d failed", len(rows), queue.layer)
                 pending = []
                 self._fail(queue.length, rows, e)
-
-    def _drained(self) -> bool:
-        with self._cv:
-            return self._closed and not any(self._queues.values())
 
     def _alive(self, rows: list[_Row]) -> list[_Row]:
         """`rows` but those of requests that already failed (their slots given back)."""

@@ -18,7 +18,10 @@ eighth; a step here is often a few rows, and padding 5 to 8 would cost 60% more.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
+
+from jaxexit.exits import runners
 
 
 class Candidate(NamedTuple):
@@ -42,11 +45,11 @@ def pick(candidates: list[Candidate], max_batch: int, max_age: int) -> Candidate
     return max(full or candidates, key=lambda c: (c.layer, min(c.rows, max_batch), -c.length))
 
 
+@functools.lru_cache(maxsize=None)  # read at every step
 def row_buckets(cap: int) -> tuple[int, ...]:
-    """The row counts a step of at most `cap` rows is padded to: every count up to cap/4, then
-    multiples of cap/8 (rounded up)."""
-    eighth = max(1, -(-cap // 8))
-    return tuple(sorted(set(range(1, max(1, cap // 4) + 1)) | {min(cap, k * eighth) for k in range(1, 9)}))
+    """The row counts a step of at most `cap` rows is padded to: the batched runner's
+    (`runners.row_buckets`: multiples of cap/8) and every count up to cap/4."""
+    return tuple(sorted(set(runners.row_buckets(cap)) | set(range(1, cap // 4 + 1))))
 
 
 def row_bucket(n: int, cap: int) -> int:
